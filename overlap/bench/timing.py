@@ -1,0 +1,92 @@
+"""Timing helpers: CUDA events after warm-up (median of many), optional L2 flush, graph replay.
+
+On CPU (gloo ranks) the same functions time with perf_counter, so every benchmark runs
+everywhere; only GPU numbers are meant to be reported.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_L2_FLUSH_BYTES = 256 << 20  # several times the H100/H200 L2 (50-60 MB)
+_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def flush_l2() -> None:
+    """Evict the L2 cache by writing a buffer several times its size (no-op on CPU)."""
+    if not torch.cuda.is_available():
+        return
+    dev = torch.cuda.current_device()
+    buf = _flush_buffers.get(dev)
+    if buf is None:
+        buf = _flush_buffers[dev] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    buf.random_(0, 255)
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, flush: bool = True,
+            barrier: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median/min/max time of ``fn()`` in microseconds over ``iters`` runs after ``warmup``.
+
+    On CUDA each run is bracketed by events on the current stream; ``barrier`` (e.g. a
+    process-group barrier) runs before each timed call so ranks start together.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        if flush:
+            flush_l2()
+        if barrier is not None:
+            barrier()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return {"time_us": statistics.median(samples), "min_us": min(samples), "max_us": max(samples),
+            "iters": iters}
+
+
+def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50,
+                      replays_per_sample: int = 10) -> dict[str, float]:
+    """Capture ``fn`` in a CUDA graph and time its replays (launch overhead removed).
+
+    Each sample is ``replays_per_sample`` back-to-back replays between two events, divided.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("time_graph_replay needs a CUDA device")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays_per_sample):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / replays_per_sample)
+    return {"time_us": statistics.median(samples), "min_us": min(samples), "max_us": max(samples),
+            "iters": iters}

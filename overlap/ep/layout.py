@@ -1,0 +1,116 @@
+"""Routing layout: where each token goes, and the local row movements around the all-to-all.
+
+These are the pure-PyTorch definitions. The Triton kernels (`overlap.triton_kernels`) and
+the CUDA kernel (`csrc/kernels/routing_layout.cu`) compute exactly the same outputs and are
+tested against these functions.
+
+Conventions (all backends):
+- Experts are split evenly and contiguously: expert ``e`` lives on rank ``e // (E // W)``.
+- ``topk_idx[t, j] == -1`` means slot j of token t has no expert.
+- A token is sent once to each rank that hosts at least one of its experts.
+- Send order to a rank, and receive order from a rank, is ascending source token index;
+  receive buffers are ordered by source rank, then source token index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutingLayout:
+    """Where each token goes, for one rank's ``topk_idx`` of shape ``[T, k]``.
+
+    Attributes:
+        num_tokens_per_rank: ``[W]`` int32, tokens with at least one expert on each rank.
+        num_tokens_per_expert: ``[E]`` int32, (token, slot) pairs routed to each expert.
+        is_token_in_rank: ``[T, W]`` bool.
+        token_slot_in_rank: ``[T, W]`` int32, the token's position among the tokens sent to
+            that rank (ascending token order), or -1 when it is not sent there.
+    """
+
+    num_tokens_per_rank: torch.Tensor
+    num_tokens_per_expert: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    token_slot_in_rank: torch.Tensor
+
+    @property
+    def rank_offsets(self) -> torch.Tensor:
+        """``[W]`` int64 exclusive prefix sum of ``num_tokens_per_rank``: each rank's first send row."""
+        counts = self.num_tokens_per_rank.to(torch.int64)
+        return torch.cumsum(counts, 0) - counts
+
+
+def routing_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> RoutingLayout:
+    """Compute the :class:`RoutingLayout` of ``topk_idx`` (``[T, k]``, -1 = no expert)."""
+    if num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
+    experts_per_rank = num_experts // num_ranks
+    num_tokens = topk_idx.shape[0]
+    device = topk_idx.device
+    valid = topk_idx >= 0
+    idx = topk_idx.to(torch.int64)
+    expert_counts = torch.bincount(idx[valid], minlength=num_experts)[:num_experts]
+    dest_rank = torch.where(valid, idx // experts_per_rank, torch.zeros_like(idx))
+    # Count hits per (token, rank) rather than scatter booleans: a -1 slot must not clear a hit.
+    hits = torch.zeros(num_tokens, num_ranks, dtype=torch.int32, device=device)
+    hits.scatter_add_(1, dest_rank, valid.to(torch.int32))
+    is_in_rank = hits > 0
+    in_rank_i = is_in_rank.to(torch.int32)
+    slot = torch.cumsum(in_rank_i, dim=0, dtype=torch.int32) - in_rank_i
+    slot = torch.where(is_in_rank, slot, torch.full_like(slot, -1))
+    return RoutingLayout(
+        num_tokens_per_rank=in_rank_i.sum(0, dtype=torch.int32),
+        num_tokens_per_expert=expert_counts.to(torch.int32),
+        is_token_in_rank=is_in_rank,
+        token_slot_in_rank=slot,
+    )
+
+
+def permute_rows(x: torch.Tensor, token_slot: torch.Tensor, group_offsets: torch.Tensor,
+                 num_rows: int) -> torch.Tensor:
+    """Scatter token rows into group-major order: ``out[group_offsets[g] + token_slot[t, g]] = x[t]``.
+
+    ``token_slot`` is ``[T, G]`` with -1 where token t is not in group g; ``num_rows`` is the
+    total number of (token, group) pairs. Used to build the send buffer (groups = ranks).
+    """
+    out = x.new_empty(num_rows, x.shape[1])
+    t_idx, g_idx = torch.nonzero(token_slot >= 0, as_tuple=True)
+    rows = group_offsets.to(torch.int64)[g_idx] + token_slot[t_idx, g_idx].to(torch.int64)
+    out[rows] = x[t_idx]
+    return out
+
+
+def gather_reduce(src: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out[t] = Σ_j weights[t, j] · src[index[t, j]]`` accumulated in fp32 (-1 entries skipped).
+
+    ``index`` is ``[T, J]``; ``weights`` is ``[T, J]`` or None (all ones). This is the weighted
+    un-permute on the expert side and the cross-rank sum on the way back.
+    """
+    num_tokens = index.shape[0]
+    out = torch.zeros(num_tokens, src.shape[1], dtype=torch.float32, device=src.device)
+    valid = index >= 0
+    t_idx, j_idx = torch.nonzero(valid, as_tuple=True)
+    rows = src[index[t_idx, j_idx].to(torch.int64)].float()
+    if weights is not None:
+        rows = rows * weights[t_idx, j_idx].float().unsqueeze(1)
+    out.index_add_(0, t_idx, rows)
+    return out.to(out_dtype or src.dtype)
+
+
+def expert_major_positions(local_topk_idx: torch.Tensor, num_local_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of received tokens regrouped by local expert.
+
+    Returns ``(num_tokens_per_expert [E_l] int32, position [R, k] int64)`` where
+    ``position[i, j]`` is the row of (token i, slot j) in expert-major order (expert, then
+    ascending token index), or -1 where ``local_topk_idx[i, j] == -1``.
+    """
+    lay = routing_layout(local_topk_idx, num_local_experts, num_local_experts)
+    offsets = lay.rank_offsets
+    idx = local_topk_idx.to(torch.int64)
+    safe = idx.clamp(min=0)
+    pos = offsets[safe] + lay.token_slot_in_rank.to(torch.int64).gather(1, safe)
+    pos = torch.where(idx >= 0, pos, torch.full_like(pos, -1))
+    return lay.num_tokens_per_rank, pos

@@ -1,0 +1,1 @@
+"""Triton kernels for the local (on-GPU, no communication) work of expert parallelism."""
