@@ -1,0 +1,6 @@
+"""Dispatch/combine backends. Importing this package registers every backend built here."""
+from overlap.ep.backends.base import (EPBackend, available_backends, backend_names, get_backend_class,
+                                      register_backend)
+from overlap.ep.backends import torch_backend  # noqa: F401  (registers "torch")
+
+__all__ = ["EPBackend", "available_backends", "backend_names", "get_backend_class", "register_backend"]
