@@ -181,7 +181,7 @@ class EPBuffer:
         n = int(counts.sum())
         out = recv_x.new_empty(n, recv_x.shape[1])
         i_idx, j_idx = torch.nonzero(pos >= 0, as_tuple=True)
-        out[pos[i_idx, j_idx]] = recv_x[i_idx]
+        out.index_copy_(0, pos[i_idx, j_idx], recv_x.index_select(0, i_idx))
         return out, counts
 
     def reduce_from_experts(self, expert_y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:

@@ -44,6 +44,10 @@ def _rank_main(fn, rank, world_size, backend, port, args, kwargs, result_queue, 
         import torch.distributed as dist
 
         init_kwargs = {}
+        if backend == "gloo":
+            # Ranks share the machine's cores: oversubscribed intra-op threads spin and slow
+            # every rank down by orders of magnitude.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
             init_kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())

@@ -82,7 +82,7 @@ class TorchBackend(EPBackend):
             t_idx, r_idx = torch.nonzero(layout.token_slot_in_rank >= 0, as_tuple=True)
             rows = layout.rank_offsets[r_idx] + layout.token_slot_in_rank[t_idx, r_idx].to(torch.int64)
             acc = torch.zeros(handle.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
-            acc.index_add_(0, t_idx, back[rows].float())
+            acc.index_add_(0, t_idx, back.index_select(0, rows).float())
             out.copy_(acc)
 
         if async_op:
