@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build overlap (CUDA extension included), run the GPU tests, run
+# every benchmark at each world size the machine serves, and leave logs + results in OUTDIR.
+#
+#   experiments/device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k PYTEST_EXPR]
+#
+# The GPU image has no network: the install uses what is there (--no-build-isolation --no-deps).
+# The commit recorded in results comes from OVERLAP_GIT_COMMIT/OVERLAP_GIT_DIRTY when the tree
+# has no .git (the device machine gets a copy of the working tree).
+set -uo pipefail
+OUTDIR=${1:?usage: device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k EXPR]}
+shift
+MODE=all; WS=""; KEXPR=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests-only) MODE=tests ;;
+    --bench-only) MODE=bench ;;
+    --ws) WS="$2"; shift ;;
+    -k) KEXPR="$2"; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export MAX_JOBS=${MAX_JOBS:-16}
+mkdir -p "$OUTDIR/results"
+LOG="$OUTDIR/suite.log"
+status=0
+step() { echo; echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+
+step "machine"
+{ nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi topo -m; \
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'nccl', torch.cuda.nccl.version())"; } 2>&1 | tee -a "$LOG"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+[ -n "$WS" ] || WS=$(for w in 2 4 8; do [ "$w" -le "$NGPU" ] && printf "%s " "$w"; done)
+
+step "build (pip install --no-build-isolation --no-deps -e .)"
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUTDIR/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+python3 -c "import overlap; print('cuda extension expected:', overlap.cuda_extension_expected(), 'loaded:', overlap.has_cuda_extension())" | tee -a "$LOG"
+
+if [ "$MODE" != bench ]; then
+  step "GPU tests"
+  python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 900 ${KEXPR:+-k "$KEXPR"} \
+    --junitxml="$OUTDIR/results/gpu_tests.xml" 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [ "$MODE" != tests ]; then
+  for w in $WS; do
+    step "ep_bench world size $w"
+    python3 experiments/ep_bench.py --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30 || status=1
+    for script in experiments/pipeline_step_time.py experiments/eplb_zipf.py; do
+      if [ -f "$script" ]; then
+        step "$script world size $w"
+        timeout 600 python3 "$script" --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30 || status=1
+      fi
+    done
+  done
+  if python3 -c "import overlap.triton_kernels.bench" 2>/dev/null; then
+    step "triton local-kernel bench"
+    python3 -m overlap.triton_kernels.bench --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -20 || status=1
+  fi
+fi
+
+step "pack"
+tar czf "$OUTDIR/results.tar.gz" -C "$OUTDIR" results
+ls -la "$OUTDIR" "$OUTDIR/results" | tee -a "$LOG"
+echo "suite status: $status" | tee -a "$LOG"
+exit $status
