@@ -32,8 +32,10 @@ def make_routing(case: EPCase, src_rank: int, world_size: int, gen: torch.Genera
         idx[:, 0] = 0
     else:
         allowed = E - epr if case.routing == "skip_last_rank" else E  # last rank hosts the top experts
-        idx = torch.stack([torch.randperm(allowed, generator=gen)[:k] for _ in range(T)]) if T else \
-            torch.empty(0, k, dtype=torch.int64)
+        picks = [torch.randperm(allowed, generator=gen)[:k] for _ in range(T)]
+        # Fewer allowed experts than k (e.g. one rank, last rank skipped): pad with -1.
+        picks = [torch.cat([p, torch.full((k - p.numel(),), -1, dtype=torch.int64)]) for p in picks]
+        idx = torch.stack(picks) if T else torch.empty(0, k, dtype=torch.int64)
         if case.routing in ("random", "sparse", "skip_last_rank") and T:
             p_drop = 0.6 if case.routing == "sparse" else 0.15
             drop = torch.rand(T, k, generator=gen) < p_drop
