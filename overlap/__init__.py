@@ -32,6 +32,6 @@ def load_cuda_extension():
         raise RuntimeError(
             "the CUDA extension overlap._C is not available "
             f"(build said: {BUILD_REASON}; import said: {exc}). Reinstall on a machine with "
-            "CUDA torch and nvcc: pip install --no-build-isolation --no-deps -e ."
+            "CUDA torch and nvcc: python3 -m pip install --no-build-isolation --no-deps -e ."
         ) from exc
     return _C

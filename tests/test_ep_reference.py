@@ -19,7 +19,7 @@ def _check_all(rank, world_size, backend, device_type, modes):
 MODES = ("sync", "async", "expert_major")
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_torch_backend_gloo(world_size):
     results = run_distributed(_check_all, world_size, "torch", "cpu", MODES, backend="gloo", timeout_s=240)
     fails = [f for per_rank in results for f in per_rank]
