@@ -61,7 +61,7 @@ if [ "$MODE" != tests ]; then
   done
   if python3 -c "import overlap.triton_kernels.bench" 2>/dev/null; then
     step "triton local-kernel bench"
-    python3 -m overlap.triton_kernels.bench --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -20 || status=1
+    python3 -m overlap.triton_kernels.bench --out "$OUTDIR/results/triton_local_kernels.json" 2>&1 | tee -a "$LOG" | tail -20 || status=1
   fi
 fi
 
