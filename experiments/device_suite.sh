@@ -51,11 +51,16 @@ fi
 if [ "$MODE" != tests ]; then
   for w in $WS; do
     step "ep_bench world size $w"
-    python3 experiments/ep_bench.py --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30 || status=1
-    for script in experiments/pipeline_step_time.py experiments/eplb_zipf.py; do
+    python3 experiments/ep_bench.py --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # Each study takes --world-size and --out; extra flags per script after the colon.
+    for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:" \
+                 "experiments/moe_overlap.py:"; do
+      script=${entry%%:*}; extra=${entry#*:}
       if [ -f "$script" ]; then
         step "$script world size $w"
-        timeout 600 python3 "$script" --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30 || status=1
+        timeout 600 python3 "$script" --world-size "$w" --out "$OUTDIR/results" $extra 2>&1 | tee -a "$LOG" | tail -30
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       fi
     done
   done
