@@ -1,0 +1,210 @@
+// Device-side pieces shared by the intranode dispatch and combine kernels: memory-model
+// primitives, bounded waits, the ready/done handshake and vectorised row copies.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "intranode.cuh"
+
+namespace overlap {
+namespace intranode {
+namespace dev {
+
+// ------------------------------------------------------------------------------------------ PTX
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int ld_volatile(const int* p) {
+  return *reinterpret_cast<const volatile int*>(p);
+}
+
+// ------------------------------------------------------------------------------------------ vectors
+template <int kBytes> struct VecOf;
+template <> struct VecOf<16> { using type = int4; };
+template <> struct VecOf<8> { using type = int2; };
+template <> struct VecOf<4> { using type = int; };
+template <> struct VecOf<2> { using type = short; };
+template <> struct VecOf<1> { using type = char; };
+
+// Read-only for the whole kernel (the caller's x / y): the non-coherent path is fine.
+template <typename V> __device__ __forceinline__ V ld_readonly(const V* p) { return __ldg(p); }
+// Written by peers during this kernel: skip L1 so an acquired flag really covers the data.
+template <typename V> __device__ __forceinline__ V ld_coherent(const V* p) { return __ldcg(p); }
+
+// ------------------------------------------------------------------------------------------ signals
+__device__ __forceinline__ uint64_t* signal_word(int64_t base, int64_t offset, int index) {
+  return reinterpret_cast<uint64_t*>(base + offset) + index;
+}
+
+// Records the first failure on this GPU: the local sticky word picks one winner, which then
+// fills the host-mapped status (plain volatile stores; the host reads it after the kernel).
+__device__ __forceinline__ void record_failure(const CommonParams& c, int64_t my_base, int code, int peer, int kind) {
+  int* sticky = reinterpret_cast<int*>(my_base + kErrorOffset);
+  if (atomicCAS(sticky, 0, code) == 0) {
+    volatile int* s = c.status_host;
+    s[kStatusPeer] = peer;
+    s[kStatusSeq] = static_cast<int>(c.seq);
+    s[kStatusKind] = kind;
+    __threadfence_system();
+    s[kStatusCode] = code;  // last: the host treats a nonzero code as "the rest is valid"
+    __threadfence_system();
+  }
+}
+
+// Called by every thread at kernel start; true when an earlier operation failed on this GPU
+// (then the kernel must do nothing: peers are not in step any more).
+__device__ __forceinline__ bool block_sees_sticky_error(int64_t my_base, int* s_flag) {
+  if (threadIdx.x == 0) *s_flag = ld_volatile(reinterpret_cast<const int*>(my_base + kErrorOffset));
+  __syncthreads();
+  return *s_flag != 0;
+}
+
+// Phase 1. Block 0 tells every peer "this rank has started operation seq (so it is done with
+// its regions for every earlier one)"; then each block waits until all peers said the same.
+// Returns false (after recording the failure) on timeout or operation mismatch. Timeouts count
+// from the start of each wait, so long transfers before it never eat into the bound.
+__device__ inline bool ready_handshake(const CommonParams& c, const int64_t* s_peer, int kind, int* s_fail) {
+  const uint64_t want = c.seq * 4 + static_cast<uint64_t>(kind);
+  const int tid = threadIdx.x;
+  if (blockIdx.x == 0 && tid < c.num_ranks) st_release_sys(signal_word(s_peer[tid], kReadyOffset, c.rank), want);
+  if (tid == 0) *s_fail = 0;
+  __syncthreads();
+  if (tid < c.num_ranks) {
+    const uint64_t* flag = signal_word(s_peer[c.rank], kReadyOffset, tid);
+    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+    uint64_t v = ld_acquire_sys(flag);
+    while (v < c.seq * 4) {  // a peer still in an earlier operation
+      if (global_timer_ns() > deadline) break;
+      v = ld_acquire_sys(flag);
+    }
+    if (v != want) {
+      record_failure(c, s_peer[c.rank], v < c.seq * 4 ? kReadyTimeout : kOpMismatch, tid, kind);
+      atomicExch(s_fail, 1);
+    }
+  }
+  __syncthreads();
+  return *s_fail == 0;
+}
+
+// Phase 3. All of this block's stores are issued (the barrier), then one release-add per peer.
+__device__ __forceinline__ void signal_done(const CommonParams& c, const int64_t* s_peer) {
+  __syncthreads();
+  if (threadIdx.x < c.num_ranks) red_add_release_sys(signal_word(s_peer[threadIdx.x], kDoneOffset, c.rank), 1);
+}
+
+// Phase 4 wait: every block of every peer has signalled done for this operation.
+__device__ inline bool wait_all_done(const CommonParams& c, const int64_t* s_peer, int kind, int* s_fail) {
+  const uint64_t want = c.done_target;
+  const int tid = threadIdx.x;
+  if (tid == 0) *s_fail = 0;
+  __syncthreads();
+  if (tid < c.num_ranks) {
+    const uint64_t* flag = signal_word(s_peer[c.rank], kDoneOffset, tid);
+    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+    bool ok = true;
+    while (ld_acquire_sys(flag) < want) {
+      if (global_timer_ns() > deadline) {
+        ok = false;
+        break;
+      }
+    }
+    if (!ok) {
+      record_failure(c, s_peer[c.rank], kDataTimeout, tid, kind);
+      atomicExch(s_fail, 1);
+    }
+  }
+  __syncthreads();
+  return *s_fail == 0;
+}
+
+// ------------------------------------------------------------------------------------------ rows
+constexpr int kUnroll = 8;  // vectors per lane in flight: 8 x 16 B x 32 lanes = 4 KiB per warp
+
+// One warp copies a row of n_vec vectors from src to every destination in dst_lanes: lane r
+// holds the address for destination r in lane_addr (the row is read once, whatever the
+// fan-out). Loads are batched, kUnroll per lane, before the stores so several are in flight.
+// Loop bounds are warp-uniform because of the shuffles.
+template <typename V, bool kSrcReadOnly>
+__device__ __forceinline__ void warp_copy_row(const V* src, int64_t lane_addr, unsigned dst_lanes, int64_t n_vec,
+                                              int lane) {
+  for (int64_t base = 0; base < n_vec; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < n_vec) v[u] = kSrcReadOnly ? ld_readonly(src + i) : ld_coherent(src + i);
+    }
+    for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
+      V* dst = reinterpret_cast<V*>(__shfl_sync(0xffffffffu, lane_addr, __ffs(m) - 1));
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + u * 32 + lane;
+        if (i < n_vec) dst[i] = v[u];
+      }
+    }
+  }
+}
+
+// The global warp index and count of this launch (work is strided over all warps of the grid).
+__device__ __forceinline__ int64_t global_warp() { return static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); }
+__device__ __forceinline__ int64_t num_global_warps() { return static_cast<int64_t>(gridDim.x) * (kThreads / 32); }
+
+// Loads the peer bases and the per-source receive row ranges (exclusive prefix over the count
+// matrix column of this rank) into shared memory. Call from every thread, then __syncthreads.
+__device__ __forceinline__ void load_peers_and_recv_starts(const CommonParams& c, int64_t* s_peer, int64_t* s_recv_start) {
+  const int tid = threadIdx.x;
+  if (tid < c.num_ranks) s_peer[tid] = c.peer_bases[tid];
+  if (tid == 0) {
+    int64_t acc = 0;
+    for (int s = 0; s < c.num_ranks; ++s) {
+      s_recv_start[s] = acc;
+      acc += c.count_matrix[s * c.num_ranks + c.rank];
+    }
+    s_recv_start[c.num_ranks] = acc;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ element types
+template <typename T> struct Elem;
+template <> struct Elem<float> {
+  static __device__ __forceinline__ float to_f32(float v) { return v; }
+  static __device__ __forceinline__ float from_f32(float v) { return v; }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f32(float v) { return __float2half_rn(v); }
+};
+
+// A vector reinterpreted as its elements.
+template <typename T, int kBytes>
+union Packed {
+  static constexpr int kElems = kBytes / static_cast<int>(sizeof(T));
+  typename VecOf<kBytes>::type vec;
+  T elem[kElems];
+};
+
+}  // namespace dev
+}  // namespace intranode
+}  // namespace overlap

@@ -1,0 +1,320 @@
+"""CUDA backend: SM-limited NVLink dispatch/combine kernels over symmetric memory.
+
+Each operation is one kernel on exactly ``EPBuffer.num_sms`` thread blocks that stores tokens
+straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.cuh):
+
+- dispatch = a one-block counts exchange (``notify``), one host read of the counts to size
+  the outputs exactly like the reference backend, then the dispatch kernel;
+- combine = one kernel: rows go back to their source ranks, which sum them in fp32.
+
+Kernels run on a communication stream of the buffer, ordered after the caller's stream by
+events; ``*_async`` calls return an :class:`EPEvent` that makes the current stream wait.
+Every spin-wait in the kernels is bounded (env ``OVERLAP_KERNEL_TIMEOUT_S``, default 10 s).
+A timeout is reported through host-mapped status words and raised as a RuntimeError naming the
+operation and the peer: at the next dispatch or combine of the buffer (a dispatch waits for
+earlier operations anyway), when an async event is waited on if the kernel already failed, or
+at once by :meth:`CudaBackend.check_status`. After a failure the buffer is unusable.
+
+Not CUDA-graph capturable (the dispatch reads counts on the host; sequence numbers are
+kernel arguments).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from overlap.ep.backends.base import DispatchOutput, EPBackend, register_backend
+from overlap.ep.events import EPEvent
+from overlap.ep.handle import DispatchHandle
+from overlap.ep.layout import RoutingLayout
+
+TIMEOUT_ENV = "OVERLAP_KERNEL_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 10.0
+FP8_BLOCK = 128             # channels per fp32 scale of the FP8 dispatch
+_INITIAL_ELEMENT_SIZE = 2   # bf16 rows; grows (collectively) on the first wider dtype
+_INITIAL_TOPK = 8
+_KIND_NAMES = {1: "dispatch", 2: "combine", 3: "dispatch (counts exchange)"}
+_ERRORS = {
+    1: "timed out after {t:g} s waiting for rank {peer} to start the same operation "
+       "(does every rank of the group call dispatch/combine the same number of times?)",
+    2: "timed out after {t:g} s waiting for rank {peer} to finish sending its data",
+    3: "found rank {peer} running a different operation under the same sequence number "
+       "(every rank must call dispatch and combine in the same order)",
+}
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def kernel_timeout_s() -> float:
+    """The spin-wait bound from ``OVERLAP_KERNEL_TIMEOUT_S`` (seconds, default 10)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < 1e6):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
+    return value
+
+
+class _RegionLayout:
+    """Byte offsets of the regions in every rank's symmetric buffer (see intranode.cuh)."""
+
+    def __init__(self, signal_bytes: int, world: int, max_tokens: int, hidden: int, elem_cap: int, topk_cap: int):
+        rows = world * max_tokens
+        self.elem_cap, self.topk_cap = elem_cap, topk_cap
+        self.x_offset = signal_bytes
+        self.meta_offset = self.x_offset + rows * _align(hidden * elem_cap, 16)
+        self.combine_offset = _align(self.meta_offset + rows * topk_cap * 8, 4096)
+        self.nbytes = self.combine_offset + rows * _align(hidden * elem_cap, 16)
+
+    def fits(self, elem: int, topk: int) -> bool:
+        return elem <= self.elem_cap and topk <= self.topk_cap
+
+
+@register_backend
+class CudaBackend(EPBackend):
+    """NVLink kernels on ``num_sms`` blocks; one GPU per rank, all ranks on one host."""
+
+    name = "cuda"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        try:
+            import overlap
+
+            overlap.load_cuda_extension()
+        except RuntimeError as exc:
+            return False, str(exc)
+        try:
+            torch.ops.overlap.intranode_dispatch
+        except (AttributeError, RuntimeError):
+            return False, "overlap._C was built without the intranode kernels; reinstall the package"
+        try:
+            importlib.import_module("torch.distributed._symmetric_memory")
+        except ImportError as exc:
+            return False, f"this torch has no torch.distributed._symmetric_memory ({exc})"
+        return True, ""
+
+    def __init__(self, buffer):
+        super().__init__(buffer)
+        self._timeout_s = kernel_timeout_s()
+        self._symm = None
+        self._regions: Optional[_RegionLayout] = None
+        self._generation = 0
+        self._seq = 0
+        self._done_total = 0
+        self._failure: Optional[str] = None
+        self._stream = None
+        self._status = None
+        self._status_ptr = 0
+        self._signal_bytes = self._canary_offset = 0
+
+    # ------------------------------------------------------------------------------------ setup
+    def check_group(self, buffer) -> None:
+        if buffer.device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
+        if "nccl" not in str(dist.get_backend(buffer.group)).lower():
+            raise ValueError(f"backend='cuda' needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
+        signal_bytes, canary_offset, max_ranks, status_words = torch.ops.overlap.intranode_layout()
+        if buffer.world_size > max_ranks:
+            raise ValueError(f"backend='cuda' supports at most {max_ranks} ranks, the group has {buffer.world_size}")
+        # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
+        mine = torch.tensor([buffer.num_sms, buffer.hidden, buffer.max_tokens_per_rank, buffer.num_experts],
+                            dtype=torch.int64, device=buffer.device)
+        every = torch.empty(buffer.world_size, 4, dtype=torch.int64, device=buffer.device)
+        dist.all_gather_into_tensor(every, mine, group=buffer.group)
+        for col, name in enumerate(("num_sms", "hidden", "max_tokens_per_rank", "num_experts")):
+            values = every[:, col].tolist()
+            if len(set(values)) != 1:
+                raise ValueError(f"backend='cuda' needs the same {name} on every rank, got {values} (by rank)")
+        self._signal_bytes, self._canary_offset = signal_bytes, canary_offset
+        self._stream = torch.cuda.Stream(device=buffer.device)
+        self._status, self._status_ptr = torch.ops.overlap.intranode_alloc_status(status_words)
+
+    def _ensure_capacity(self, elem: int, topk: int) -> None:
+        """(Re)allocate the symmetric buffer if rows of ``elem``-byte elements or ``topk`` do not fit.
+
+        Collective: every rank calls it with the same arguments (they come from the same call).
+        """
+        if self._regions is not None and self._regions.fits(elem, topk):
+            return
+        buf = self.buffer
+        old = self._regions
+        elem_cap = max(elem, old.elem_cap if old else _INITIAL_ELEMENT_SIZE)
+        topk_cap = max(topk, old.topk_cap if old else _INITIAL_TOPK)
+        if self._symm is not None:
+            self._stream.synchronize()  # earlier kernels are done with the old buffer
+            self._raise_if_failed()
+            self._symm = None
+        regions = _RegionLayout(self._signal_bytes, buf.world_size, buf.max_tokens_per_rank, buf.hidden,
+                                elem_cap, topk_cap)
+        self._generation += 1
+        from overlap.ep.symm_buffer import SymmetricBuffer
+
+        self._symm = SymmetricBuffer(buf.group, regions.nbytes, buf.device, zero_bytes=self._signal_bytes,
+                                     canary_offset=self._canary_offset, generation=self._generation)
+        self._symm.record_stream(self._stream)
+        self._regions = regions
+        self._seq = 0          # signal words of the new buffer start at zero
+        self._done_total = 0
+
+    # ------------------------------------------------------------------------------------ status
+    def _raise_if_failed(self) -> None:
+        if self._failure is None and self._status is not None:
+            code, peer, seq, kind = self._status.tolist()
+            if code != 0:
+                what = _ERRORS.get(code, "failed with code {code}").format(t=self._timeout_s, peer=peer, code=code)
+                self._failure = (f"EPBuffer backend 'cuda', rank {self.buffer.rank}: {_KIND_NAMES.get(kind, kind)} "
+                                 f"(operation #{seq}) {what}. This EPBuffer cannot be used any more; "
+                                 f"build a new one (and check {TIMEOUT_ENV} if peers are just slow).")
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+
+    def check_status(self, wait: bool = True) -> None:
+        """Raise a RuntimeError if a kernel of this buffer failed (timed out).
+
+        With ``wait=True`` first wait for every operation queued so far (a host sync).
+        """
+        if wait and self._stream is not None:
+            self._stream.synchronize()
+        self._raise_if_failed()
+
+    def _op_args(self, num_blocks: int) -> tuple:
+        """Advance the sequence; the arguments every kernel op takes, in their schema order."""
+        self._seq += 1
+        self._done_total += num_blocks
+        buf = self.buffer
+        return (buf.rank, num_blocks, buf.max_tokens_per_rank, self._seq, self._done_total,
+                int(self._timeout_s * 1e9), self._status_ptr)
+
+    def _check_not_capturing(self) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("backend='cuda' cannot be captured in a CUDA graph: the dispatch reads token counts "
+                               "on the host and every call carries a new sequence number")
+
+    def _launch(self, what: str, op, *args) -> None:
+        # A launch that raises has already advanced this rank's sequence number: the ranks are
+        # out of step from here on, so the buffer is marked failed rather than left half-usable.
+        try:
+            op(*args)
+        except Exception as exc:
+            self._failure = (f"EPBuffer backend 'cuda', rank {self.buffer.rank}: launching the {what} kernel failed "
+                             f"({exc}). This EPBuffer cannot be used any more; build a new one.")
+            raise RuntimeError(self._failure) from exc
+
+    def _finish(self, caller: torch.cuda.Stream, async_op: bool) -> EPEvent:
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        if async_op:
+            return EPEvent(cuda_event=event, finalize=self._raise_if_failed)
+        caller.wait_event(event)
+        self._raise_if_failed()
+        return EPEvent.completed()
+
+    # ------------------------------------------------------------------------------------ dispatch
+    def dispatch(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool) -> DispatchOutput:
+        recv_x, _, recv_idx, recv_w, counts, handle, event = self._dispatch(x, topk_idx, topk_weights, layout,
+                                                                            async_op, fp8=False)
+        return recv_x, recv_idx, recv_w, counts, handle, event
+
+    def dispatch_fp8(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool):
+        """Dispatch with the cast to FP8 fused into the send (about half the bytes of bf16 on the wire).
+
+        Each row is sent as e4m3 values with one fp32 scale per 128 channels: ``scale = amax /
+        448`` over the block (1 for an all-zero block), ``value = x / scale`` rounded to nearest
+        and saturated. ``hidden`` must be a multiple of 128. Inputs arrive validated, as for
+        :meth:`dispatch` (see :meth:`EPBuffer.dispatch_fp8`).
+
+        Returns ``(recv_x [R, hidden] float8_e4m3fn, recv_scales [R, hidden / 128] float32,
+        recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle, event)``.
+        """
+        if self.buffer.hidden % FP8_BLOCK:
+            raise ValueError(f"FP8 dispatch needs hidden to be a multiple of {FP8_BLOCK}, got hidden={self.buffer.hidden}")
+        x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
+        if x.data_ptr() % 16:
+            x = x.clone()  # the quantising send reads 16-byte vectors
+        return self._dispatch(x, topk_idx, topk_weights, layout, async_op, fp8=True)
+
+    def _dispatch(self, x, topk_idx, topk_weights, layout, async_op, fp8):
+        buf = self.buffer
+        self._raise_if_failed()
+        self._check_not_capturing()
+        num_tokens, topk = topk_idx.shape
+        self._ensure_capacity(x.element_size(), topk)
+        regions, peers, comm = self._regions, self._symm.peer_bases, self._stream
+        caller = torch.cuda.current_stream(buf.device)
+        idx = topk_idx.to(torch.int64).contiguous()
+        weights = topk_weights.to(torch.float32).contiguous()
+        slot = layout.token_slot_in_rank.to(torch.int32).contiguous()
+        send_counts = layout.num_tokens_per_rank.to(torch.int32).contiguous()
+        for t in (x, idx, weights, slot, send_counts):
+            t.record_stream(comm)  # the caller may free them before comm is done
+
+        comm.wait_stream(caller)
+        with torch.cuda.stream(comm):
+            matrix = torch.empty(buf.world_size, buf.world_size, dtype=torch.int32, device=buf.device)
+            self._launch("dispatch counts exchange", torch.ops.overlap.intranode_notify, send_counts, peers, matrix,
+                         *self._op_args(1))
+            recv_counts = matrix[:, buf.rank].tolist()  # the one host sync of a dispatch
+        self._raise_if_failed()  # everything queued on comm so far has finished: a failure is known now
+
+        # Outputs live on the caller's stream (that is where they are used and freed).
+        num_recv = sum(recv_counts)
+        if fp8:
+            recv_x = torch.empty(num_recv, buf.hidden, dtype=torch.float8_e4m3fn, device=buf.device)
+            recv_scales = torch.empty(num_recv, buf.hidden // FP8_BLOCK, dtype=torch.float32, device=buf.device)
+            row_stride = _align(buf.hidden + buf.hidden // FP8_BLOCK * 4, 16)
+        else:
+            recv_x = x.new_empty(num_recv, buf.hidden)
+            recv_scales = None
+            row_stride = _align(buf.hidden * x.element_size(), 16)
+        recv_idx = torch.empty(num_recv, topk, dtype=torch.int64, device=buf.device)
+        recv_w = torch.empty(num_recv, topk, dtype=torch.float32, device=buf.device)
+        counts = torch.empty(buf.num_local_experts, dtype=torch.int32, device=buf.device)
+        for t in (recv_x, recv_scales, recv_idx, recv_w, counts):
+            if t is not None:
+                t.record_stream(comm)
+        with torch.cuda.stream(comm):
+            counts.zero_()
+            self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
+                         recv_x, recv_idx, recv_w, counts, *self._op_args(buf.num_sms), regions.x_offset,
+                         row_stride, regions.meta_offset, recv_scales)
+        event = self._finish(caller, async_op)
+        handle = DispatchHandle(buffer_id=id(buf), num_tokens=num_tokens, layout=layout, num_recv_tokens=num_recv,
+                                recv_counts=recv_counts, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
+                                backend_state={"count_matrix": matrix, "token_slot": slot})
+        return recv_x, recv_scales, recv_idx, recv_w, counts, handle, event
+
+    # ------------------------------------------------------------------------------------ combine
+    def combine(self, y, handle: DispatchHandle, *, async_op: bool):
+        buf = self.buffer
+        self._raise_if_failed()
+        self._check_not_capturing()
+        state = handle.backend_state
+        if not isinstance(state, dict) or "count_matrix" not in state:
+            raise ValueError("handle was not made by a 'cuda' backend dispatch")
+        y = y.contiguous()
+        self._ensure_capacity(y.element_size(), 1)
+        regions, peers, comm = self._regions, self._symm.peer_bases, self._stream
+        caller = torch.cuda.current_stream(buf.device)
+        out = y.new_empty(handle.num_tokens, buf.hidden)
+        slot = state["token_slot"]
+        for t in (y, out, slot):
+            t.record_stream(comm)
+        comm.wait_stream(caller)
+        with torch.cuda.stream(comm):
+            self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, state["count_matrix"], peers, out,
+                         *self._op_args(buf.num_sms), regions.combine_offset,
+                         _align(buf.hidden * y.element_size(), 16))
+        return out, self._finish(caller, async_op)
