@@ -14,6 +14,7 @@ def cuda_extension_expected() -> bool:
 def has_cuda_extension() -> bool:
     """True when the compiled CUDA extension `overlap._C` imports on this machine."""
     try:
+        import torch  # noqa: F401  (_C links against libtorch: load it first)
         from overlap import _C  # noqa: F401
     except ImportError:
         return False
@@ -23,6 +24,7 @@ def has_cuda_extension() -> bool:
 def load_cuda_extension():
     """Import and return `overlap._C`, raising a RuntimeError that says how to build it."""
     try:
+        import torch  # noqa: F401  (_C links against libtorch: load it first)
         from overlap import _C
     except ImportError as exc:
         try:

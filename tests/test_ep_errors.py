@@ -61,6 +61,7 @@ def _bad_inputs(rank, world_size):
                          ValueError, "num_sms"),
         "hidden negative": (lambda: EPBuffer(None, num_experts=E, hidden=-1, max_tokens_per_rank=T),
                             ValueError, "hidden"),
+        "fp8 on a backend without it": (lambda: buf.dispatch_fp8(x, idx, w), NotImplementedError, "backend='torch'"),
         "layout bad ids": (lambda: buf.get_dispatch_layout(bad_idx), ValueError, "topk_idx values"),
     }
     problems = {}
