@@ -76,11 +76,17 @@ def _bench_rank(rank, world_size, args):
             t_disp = time_fn(lambda: buf.dispatch(x, idx, w), warmup=args.warmup, iters=args.iters, barrier=barrier)
             t_comb = time_fn(lambda: buf.combine(y, handle), warmup=args.warmup, iters=args.iters, barrier=barrier)
             back_wire_rows = recv_rows - int(sent_rows[rank])  # rows returned to other ranks
-            for op, t, wire, logical in (("dispatch", t_disp, wire_rows, recv_rows),
-                                         ("combine", t_comb, back_wire_rows, int(sent_rows.sum()))):
+            timed = [("dispatch", t_disp, wire_rows, recv_rows, row_bytes, args.dtype),
+                     ("combine", t_comb, back_wire_rows, int(sent_rows.sum()), row_bytes, args.dtype)]
+            if hasattr(buf._backend, "dispatch_fp8") and args.hidden % 128 == 0:
+                t_fp8 = time_fn(lambda: buf.dispatch_fp8(x, idx, w), warmup=args.warmup, iters=args.iters,
+                                barrier=barrier)
+                fp8_row_bytes = args.hidden + args.hidden // 128 * 4  # e4m3 values + fp32 scales
+                timed.append(("dispatch", t_fp8, wire_rows, recv_rows, fp8_row_bytes, "fp8"))
+            for op, t, wire, logical, nbytes, dtype_name in timed:
                 time_us = gather_max(t["time_us"])
-                wire_b, logical_b = gather_mean(wire * row_bytes), gather_mean(logical * row_bytes)
-                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "time_us": time_us,
+                wire_b, logical_b = gather_mean(wire * nbytes), gather_mean(logical * nbytes)
+                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                              "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                              "min_us": gather_max(t["min_us"]), "iters": args.iters})
@@ -101,20 +107,21 @@ def _bench_rank(rank, world_size, args):
     wire_rows = int(send_counts.sum() - send_counts[rank])
     time_us = gather_max(t["time_us"])
     wire_b, logical_b = gather_mean(wire_rows * row_bytes), gather_mean(recv.shape[0] * row_bytes)
-    rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None,
+    rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None, "dtype": args.dtype,
                  "time_us": time_us, "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                  "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                  "min_us": gather_max(t["min_us"]), "iters": args.iters})
     common = {"num_tokens": args.tokens, "hidden": args.hidden, "topk": args.topk, "num_experts": args.experts,
-              "dtype": args.dtype, "world_size": world_size}
+              "world_size": world_size}
     return [dict(common, **r) for r in rows] if rank == 0 else None
 
 
 def print_table(rows):
-    print(f"\n{'op':<18}{'backend':<9}{'SMs':>5}{'time_us':>11}{'wire GB/s':>11}{'logical GB/s':>14}")
+    print(f"\n{'op':<18}{'backend':<9}{'dtype':<6}{'SMs':>5}{'time_us':>11}{'wire GB/s':>11}{'logical GB/s':>14}")
     for r in rows:
         sms = "-" if r["num_sms"] is None else r["num_sms"]
-        print(f"{r['op']:<18}{r['backend']:<9}{sms:>5}{r['time_us']:>11.1f}{r['wire_gbps']:>11.1f}{r['logical_gbps']:>14.1f}")
+        print(f"{r['op']:<18}{r['backend']:<9}{r['dtype']:<6}{sms:>5}{r['time_us']:>11.1f}{r['wire_gbps']:>11.1f}"
+              f"{r['logical_gbps']:>14.1f}")
 
 
 def main(argv=None):

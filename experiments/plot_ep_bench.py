@@ -31,14 +31,14 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
     a2a = [r for r in rows if r["op"] == "all_to_all_single"]
     for ax, op in zip(axes, ("dispatch", "combine")):
         op_rows = [r for r in rows if r["op"] == op]
-        for backend in sorted({r["backend"] for r in op_rows}):
-            pts = sorted((r["num_sms"], r["wire_gbps"]) for r in op_rows if r["backend"] == backend
-                         and r["num_sms"] is not None)
-            flat = [r["wire_gbps"] for r in op_rows if r["backend"] == backend and r["num_sms"] is None]
+        for backend, dtype in sorted({(r["backend"], r.get("dtype", "")) for r in op_rows}):
+            mine = [r for r in op_rows if r["backend"] == backend and r.get("dtype", "") == dtype]
+            pts = sorted((r["num_sms"], r["wire_gbps"]) for r in mine if r["num_sms"] is not None)
+            flat = [r["wire_gbps"] for r in mine if r["num_sms"] is None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} {dtype}")
             for v in flat:
-                ax.axhline(v, linestyle=":", color="gray", label=f"{backend} (SMs chosen by NCCL)")
+                ax.axhline(v, linestyle=":", color="gray", label=f"{backend} {dtype} (SMs chosen by NCCL)")
         for r in a2a:
             ax.axhline(r["wire_gbps"], linestyle="--", color="black", label=f"{r['backend']} all_to_all_single, same bytes")
         ax.set_title(op)
@@ -48,7 +48,7 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
     axes[1].legend(fontsize=8, loc="lower right")
     r0 = rows[0]
     fig.suptitle(f"{meta.get('device')} x{meta['world_size']}: {r0['num_tokens']} tokens/rank, hidden {r0['hidden']}, "
-                 f"top-{r0['topk']}, {r0['num_experts']} experts, {r0['dtype']} (commit {str(meta.get('commit'))[:8]})",
+                 f"top-{r0['topk']}, {r0['num_experts']} experts (commit {str(meta.get('commit'))[:8]})",
                  fontsize=10)
     fig.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
