@@ -3,6 +3,7 @@
 # every benchmark at each world size the machine serves, and leave logs + results in OUTDIR.
 #
 #   experiments/device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k PYTEST_EXPR]
+#                               [--tests "tests/a.py tests/b.py"] [--studies "ep_bench pipeline_step_time"]
 #
 # The GPU image has no network: the install uses what is there (--no-build-isolation --no-deps).
 # The commit recorded in results comes from OVERLAP_GIT_COMMIT/OVERLAP_GIT_DIRTY when the tree
@@ -10,13 +11,15 @@
 set -uo pipefail
 OUTDIR=${1:?usage: device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k EXPR]}
 shift
-MODE=all; WS=""; KEXPR=""
+MODE=all; WS=""; KEXPR=""; TESTS="tests"; STUDIES="ep_bench pipeline_step_time eplb_zipf moe_overlap triton"
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) MODE=tests ;;
     --bench-only) MODE=bench ;;
     --ws) WS="$2"; shift ;;
     -k) KEXPR="$2"; shift ;;
+    --tests) TESTS="$2"; shift ;;
+    --studies) STUDIES="$2"; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -28,6 +31,7 @@ mkdir -p "$OUTDIR/results"
 LOG="$OUTDIR/suite.log"
 status=0
 step() { echo; echo "=== $* ($(date +%T))" | tee -a "$LOG"; }
+wanted() { case " $STUDIES " in *" $1 "*) return 0 ;; esac; return 1; }
 
 step "machine"
 { nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.max.sm --format=csv; nvidia-smi topo -m; \
@@ -43,28 +47,30 @@ python3 -c "import overlap; print('cuda extension expected:', overlap.cuda_exten
 
 if [ "$MODE" != bench ]; then
   step "GPU tests"
-  python3 -m pytest -m gpu -q -p no:cacheprovider --timeout 900 ${KEXPR:+-k "$KEXPR"} \
+  python3 -m pytest -m gpu -q -rfE -p no:cacheprovider --timeout ${PYTEST_TIMEOUT:-900} ${KEXPR:+-k "$KEXPR"} $TESTS \
     --junitxml="$OUTDIR/results/gpu_tests.xml" 2>&1 | tee "$OUTDIR/gpu_tests.log" | tail -60
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if [ "$MODE" != tests ]; then
   for w in $WS; do
-    step "ep_bench world size $w"
-    python3 experiments/ep_bench.py --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    if wanted ep_bench; then
+      step "ep_bench world size $w"
+      timeout 420 python3 experiments/ep_bench.py --world-size "$w" --out "$OUTDIR/results" 2>&1 | tee -a "$LOG" | tail -30
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    fi
     # Each study takes --world-size and --out; extra flags per script after the colon.
-    for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:" \
+    for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
                  "experiments/moe_overlap.py:"; do
       script=${entry%%:*}; extra=${entry#*:}
-      if [ -f "$script" ]; then
+      if [ -f "$script" ] && wanted "$(basename "$script" .py)"; then
         step "$script world size $w"
         timeout 600 python3 "$script" --world-size "$w" --out "$OUTDIR/results" $extra 2>&1 | tee -a "$LOG" | tail -30
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       fi
     done
   done
-  if python3 -c "import overlap.triton_kernels.bench" 2>/dev/null; then
+  if [[ " $STUDIES " == *" triton "* ]] && python3 -c "import overlap.triton_kernels.bench" 2>/dev/null; then
     step "triton local-kernel bench"
     python3 -m overlap.triton_kernels.bench --out "$OUTDIR/results/triton_local_kernels.json" 2>&1 | tee -a "$LOG" | tail -20 || status=1
   fi
