@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from overlap.testing import gpu_world_sizes, run_distributed
+from overlap.testing import assert_ranks_pass, gpu_world_sizes, run_distributed
 from overlap.testing.ep_cases import EPCase, standard_cases
 from overlap.testing.ep_check import check_case
 
@@ -167,7 +167,7 @@ def _back_to_back(rank, world_size):
     fails = []
     # bf16 rounds, then fp32 rounds (the buffer grows in between), then bf16 again.
     for rnd, dtype in enumerate((torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16)):
-        inputs, gots, refs = [], [], []
+        inputs = []
         for j in range(3):
             n = int(torch.randint(0, T + 1, (1,), generator=gen))
             x = (torch.randn(n, H, generator=gen) * 3).to(dtype).to(dev)
@@ -292,36 +292,28 @@ def _mismatched_operations(rank, world_size):
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_cuda_backend_oracle_cases(world_size):
     _need(world_size)
-    results = run_distributed(_oracle_cases, world_size, MODES, backend="nccl", timeout_s=400)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_oracle_cases, world_size, MODES, backend="nccl", timeout_s=400)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cuda_dispatch_equals_torch_backend_at_realistic_size(world_size):
     _need(world_size)
-    results = run_distributed(_realistic_vs_torch, world_size, (1, 8, 24), backend="nccl", timeout_s=400)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_realistic_vs_torch, world_size, (1, 8, 24), backend="nccl", timeout_s=400)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cuda_back_to_back_calls(world_size):
     _need(world_size)
-    results = run_distributed(_back_to_back, world_size, backend="nccl", timeout_s=300)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_back_to_back, world_size, backend="nccl", timeout_s=300)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_cuda_fp8_dispatch(world_size):
     _need(world_size)
-    results = run_distributed(_fp8_vs_reference, world_size, backend="nccl", timeout_s=300)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_fp8_vs_reference, world_size, backend="nccl", timeout_s=300)
 
 
 def test_fp8_reference_quantisation():

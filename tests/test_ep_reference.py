@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from overlap.testing import RankFailed, gpu_world_sizes, run_distributed
+from overlap.testing import assert_ranks_pass, gpu_world_sizes, run_distributed
 from overlap.testing.ep_cases import standard_cases
 from overlap.testing.ep_check import check_case
 
@@ -21,9 +21,7 @@ MODES = ("sync", "async", "expert_major")
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_torch_backend_gloo(world_size):
-    results = run_distributed(_check_all, world_size, "torch", "cpu", MODES, backend="gloo", timeout_s=240)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_check_all, world_size, "torch", "cpu", MODES, backend="gloo", timeout_s=240)
 
 
 @pytest.mark.gpu
@@ -31,9 +29,7 @@ def test_torch_backend_gloo(world_size):
 def test_torch_backend_nccl(world_size):
     if world_size not in gpu_world_sizes((1, 2, 4, 8)):
         pytest.skip(f"needs {world_size} GPUs")
-    results = run_distributed(_check_all, world_size, "torch", "cuda", MODES, backend="nccl", timeout_s=300)
-    fails = [f for per_rank in results for f in per_rank]
-    assert not fails, "\n".join(fails)
+    assert_ranks_pass(_check_all, world_size, "torch", "cuda", MODES, backend="nccl", timeout_s=300)
 
 
 def _oracle_must_catch_a_wrong_backend(rank, world_size):

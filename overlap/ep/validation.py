@@ -15,15 +15,20 @@ def _check_tensor(name: str, t, device: torch.device) -> None:
                          f"move it with {name}.to('{device}')")
 
 
+def _check_rows(name: str, t, *, hidden: int, device: torch.device) -> None:
+    """A ``[rows, hidden]`` floating tensor on the buffer's device."""
+    _check_tensor(name, t, device)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, hidden], got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {[str(d) for d in FLOAT_DTYPES]}, got {t.dtype}")
+    if t.shape[1] != hidden:
+        raise ValueError(f"{name} has hidden size {t.shape[1]}, but the EPBuffer was built with hidden={hidden}")
+
+
 def check_dispatch_inputs(x, topk_idx, topk_weights, *, hidden: int, num_experts: int,
                           max_tokens_per_rank: int, device: torch.device, check_values: bool) -> None:
-    _check_tensor("x", x, device)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be one of {[str(d) for d in FLOAT_DTYPES]}, got {x.dtype}")
-    if x.shape[1] != hidden:
-        raise ValueError(f"x has hidden size {x.shape[1]}, but the EPBuffer was built with hidden={hidden}")
+    _check_rows("x", x, hidden=hidden, device=device)
     if x.shape[0] > max_tokens_per_rank:
         raise ValueError(f"x has {x.shape[0]} tokens, more than max_tokens_per_rank={max_tokens_per_rank}; "
                          "build the EPBuffer with a larger max_tokens_per_rank")
@@ -62,12 +67,6 @@ def check_topk_idx(topk_idx, *, num_tokens: int | None, num_experts: int, device
 
 
 def check_combine_input(y, *, expected_rows: int, hidden: int, device: torch.device, what: str) -> None:
-    _check_tensor("y", y, device)
-    if y.dim() != 2:
-        raise ValueError(f"y must be 2-D [rows, hidden], got shape {tuple(y.shape)}")
-    if y.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"y must be one of {[str(d) for d in FLOAT_DTYPES]}, got {y.dtype}")
+    _check_rows("y", y, hidden=hidden, device=device)
     if y.shape[0] != expected_rows:
         raise ValueError(f"y has {y.shape[0]} rows but the handle expects {expected_rows} ({what})")
-    if y.shape[1] != hidden:
-        raise ValueError(f"y has hidden size {y.shape[1]}, but the EPBuffer was built with hidden={hidden}")

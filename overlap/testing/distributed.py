@@ -131,6 +131,17 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
     return [results[r] for r in range(world_size)]
 
 
+def assert_ranks_pass(fn: Callable[..., list], world_size: int, *args: Any, **kwargs: Any) -> None:
+    """Run a per-rank checker that returns a list of failure messages; fail with all of them.
+
+    Checkers collect failures instead of raising, so one spawn reports every failing case on
+    every rank. Keyword arguments go to :func:`run_distributed`.
+    """
+    results = run_distributed(fn, world_size, *args, **kwargs)
+    failures = [msg for per_rank in results for msg in per_rank]
+    assert not failures, "\n".join(failures)
+
+
 def gpu_world_sizes(candidates: Sequence[int] = (2, 4, 8)) -> list[int]:
     """The candidate world sizes this machine's GPU count can serve."""
     import torch
