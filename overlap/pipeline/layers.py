@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from overlap.pipeline.utils import WeightGradStore, run_backward
+from overlap.pipeline.utils import WeightGradStore, sequential_forward_backward
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -92,12 +92,4 @@ class MLPStage(nn.Module):
         A dense stage has no communication to hide; an MoE stage would interleave here,
         running one chunk's all-to-all under the other's computation.
         """
-        outputs0 = module0(*inputs0)
-        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else list(outputs0)
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-            loss1.detach_()
-        else:
-            run_backward(outputs1, output_grads1)
-        return outputs0, loss0
+        return sequential_forward_backward(module0, inputs0, criterion0, labels0, loss1, outputs1, output_grads1)

@@ -80,6 +80,30 @@ def run_backward(tensors: Sequence[torch.Tensor], grad_tensors: Sequence[Optiona
         allow_unreachable=True, accumulate_grad=True)
 
 
+def backward_from(loss: Optional[torch.Tensor], outputs: Sequence[torch.Tensor],
+                  output_grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """Run a chunk's backward as the overlap hook receives it: from its loss (which is then
+    detached, freeing the graph's head) on the last stage, else from its outputs' grads."""
+    if loss is not None:
+        loss.backward()
+        loss.detach_()
+    else:
+        run_backward(outputs, output_grads)
+
+
+def sequential_forward_backward(module0, inputs0, criterion0, labels0, loss1, outputs1, output_grads1):
+    """The overlap hook's contract with nothing overlapped: forward ``module0``, then backward.
+
+    Returns ``(outputs0, loss0)`` as ``overlapped_forward_backward`` must. Stages with nothing
+    to hide (or an overlapping stage that cannot pair two chunks) fall back to this.
+    """
+    outputs0 = module0(*inputs0)
+    outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else list(outputs0)
+    loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+    backward_from(loss1, outputs1, output_grads1)
+    return outputs0, loss0
+
+
 def split_microbatches(tensors: Sequence[Optional[torch.Tensor]], num_microbatches: int,
                        dim: int) -> list[tuple]:
     """``[(t0[m], t1[m], ...) for m in range(num_microbatches)]``, splitting each along ``dim``.
