@@ -19,6 +19,11 @@ for mod_pkg in pytest:pytest pytest_timeout:pytest-timeout pytest_benchmark:pyte
   mod=${mod_pkg%%:*}; pkg=${mod_pkg##*:}
   "$PY" -c "import $mod" 2>/dev/null || pip_install "$pkg"
 done
+# The editable build needs a setuptools with PEP 660 and bdist_wheel built in (>= 70.1).
+if ! "$PY" -c "import setuptools, sys; v = tuple(int(p) for p in setuptools.__version__.split('.')[:2]); sys.exit(v < (70, 1))" 2>/dev/null; then
+  echo "[install] upgrading setuptools (needs >= 70.1 for editable builds without isolation)"
+  pip_install "setuptools>=70.1"
+fi
 # --no-build-isolation: the CUDA extension compiles against the torch installed above.
 pip_install --no-build-isolation --no-deps -e .
 "$PY" -c "import overlap; print('[install] overlap', overlap.__version__, '| CUDA extension:', 'built' if overlap.has_cuda_extension() else 'not built (pure Python)')"
