@@ -5,7 +5,8 @@
 #   experiments/device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k PYTEST_EXPR]
 #                               [--tests "tests/a.py tests/b.py"] [--studies "ep_bench pipeline_step_time"]
 #
-# The GPU image has no network: the install uses what is there (--no-build-isolation --no-deps).
+# The GPU image has no network: install.sh installs only what is missing and builds with
+# --no-build-isolation --no-deps, so it uses what the image has.
 # The commit recorded in results comes from OVERLAP_GIT_COMMIT/OVERLAP_GIT_DIRTY when the tree
 # has no .git (the device machine gets a copy of the working tree).
 set -uo pipefail
@@ -39,9 +40,9 @@ step "machine"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 [ -n "$WS" ] || WS=$(for w in 2 4 8; do [ "$w" -le "$NGPU" ] && printf "%s " "$w"; done)
 
-step "build (pip install --no-build-isolation --no-deps -e .)"
+step "build (./install.sh, the README's install step)"
 t0=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUTDIR/build.log"; exit 1; }
+./install.sh >"$OUTDIR/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUTDIR/build.log"; exit 1; }
 echo "built in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 python3 -c "import overlap; print('cuda extension expected:', overlap.cuda_extension_expected(), 'loaded:', overlap.has_cuda_extension())" | tee -a "$LOG"
 
