@@ -230,3 +230,25 @@ class EPBuffer:
         return (f"EPBuffer(rank={self.rank}/{self.world_size}, num_experts={self.num_experts}, hidden={self.hidden}, "
                 f"max_tokens_per_rank={self.max_tokens_per_rank}, backend={self.backend_name!r}, "
                 f"num_sms={self.num_sms}, device={self.device})")
+
+    # ----------------------------------------------------------------------------- low latency (decode)
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor] = None,
+                             *, use_fp8: bool = False, return_recv_hook: bool = False, transport: str = "copy_engine"):
+        """Decode dispatch into a per-expert layout; returns ``(recv_x, recv_count, handle, hook)``.
+
+        Transfers hold no SM with ``transport="copy_engine"``; see :mod:`overlap.ep.low_latency`
+        (the first call sets the path up collectively, outside CUDA-graph capture).
+        """
+        from overlap.ep.low_latency import low_latency_state
+
+        return low_latency_state(self).dispatch(x, topk_idx, topk_weights, use_fp8=use_fp8,
+                                                return_recv_hook=return_recv_hook, transport=transport)
+
+    def low_latency_combine(self, y: torch.Tensor, topk_idx: Optional[torch.Tensor],
+                            topk_weights: Optional[torch.Tensor], handle, *, return_recv_hook: bool = False,
+                            transport: Optional[str] = None, out: Optional[torch.Tensor] = None):
+        """Decode combine of a :meth:`low_latency_dispatch`; returns ``(combined [T, hidden] bf16, hook)``."""
+        from overlap.ep.low_latency import low_latency_state
+
+        return low_latency_state(self).combine(y, topk_idx, topk_weights, handle, return_recv_hook=return_recv_hook,
+                                               transport=transport, out=out)

@@ -1,0 +1,152 @@
+// Low-latency (decode) dispatch/combine over symmetric memory: a short pack kernel, then
+// transfers that hold no SM (copy engines, issued by the host as peer memcpys), and a receive
+// hook kernel that waits for arrival and unpacks. Also an SM-store variant and a staging mode
+// for NCCL. Python side: overlap/ep/low_latency.py.
+//
+// Symmetric buffer layout (bytes from each rank's base). The first kIntranodeHeader bytes keep
+// the intranode layout (sticky error word at 1024, canary at 2048), so SymmetricBuffer's mapping
+// check and dev::record_failure work unchanged:
+//   flags[kind][slot][src]  u64  written by src (value = the sender's use count of the slot)
+//   acks [kind][slot][dst]  u64  written by dst's hook once it consumed the slot (same value)
+//   send_seq[kind][slot]    u64  local: how often this rank sent on the slot (the flag source)
+//   done[kind][slot][2]     u32  local: last-block counters of the pack (0) and hook (1) kernels
+//   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
+// A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
+// A dispatch row is [topk x {int32 local expert or -1, fp32 weight}, padded to 16][payload],
+// payload = bf16 values, or e4m3 values followed by hidden/128 fp32 scales. A combine row is
+// the bf16 partial sum (weights applied on the expert side) of one (token, rank).
+//
+// Protocol of one operation on slot s of kind k (all ranks issue the same operations in the same
+// order, so their use counts of every slot agree):
+//   pack:  n = send_seq + 1; wait (bounded) until acks[k][s][d] >= n - 1 for every d (d consumed
+//          the previous use); write rows (to peers directly, or to local staging); last block:
+//          send_seq = n and, for SM-driven sends, flags[k][s][me] = n at every peer (release).
+//   send:  copy-engine mode: per peer, memcpy staging -> peer region, then memcpy the send_seq
+//          word -> the peer's flag (stream order puts the flag after the data).
+//   hook:  E = send_seq (the host orders the hook after its pack and the next pack of the slot
+//          waits for this hook's ack, so E is this operation's count); wait until every
+//          flags[k][s][src] >= E; unpack; last block writes acks[k][s][me] = E at every source.
+#pragma once
+
+#include "intranode.cuh"
+
+namespace overlap {
+namespace ll {
+
+constexpr int kMaxRanks = 8;        // one NVLink host
+constexpr int kMaxSlots = 8;        // per operation kind
+constexpr int kMaxTokens = 4096;    // per rank and call (the pack keeps a mask per token in smem)
+constexpr int kMaxTopk = 16;
+constexpr int kFp8Block = 128;      // channels per fp32 scale; hidden must be a multiple of it
+constexpr int kChunk = 1024;        // channels one warp moves per task
+constexpr int kRegionHeader = 16;
+
+constexpr int64_t kFlagsOffset = 8192;
+constexpr int64_t kAcksOffset = kFlagsOffset + 2 * kMaxSlots * 32 * 8;
+constexpr int64_t kSendSeqOffset = kAcksOffset + 2 * kMaxSlots * 32 * 8;
+constexpr int64_t kDoneOffset = kSendSeqOffset + 2 * kMaxSlots * 8;
+constexpr int64_t kSignalBytes = 20480;  // zeroed prefix; receive slots start here
+
+enum Kind : int { kDispatch = 0, kCombine = 1 };
+// Status "kind" values (intranode uses 1..3).
+enum StatusKind : int { kDispatchSend = 5, kDispatchRecv = 6, kCombineSend = 7, kCombineRecv = 8 };
+// mode: where the pack kernel writes rows.
+enum Mode : int {
+  kDirect = 0,      // SM stores straight into peers' receive regions, flags by the kernel
+  kStaged = 1,      // local staging per peer (copy engines send it); own rows go straight home
+  kStagedAll = 2,   // local staging for every rank including this one (NCCL all_to_all sends it)
+};
+
+__host__ __device__ constexpr int64_t flag_offset(int kind, int slot, int src) {
+  return kFlagsOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 32 + src) * 8;
+}
+__host__ __device__ constexpr int64_t ack_offset(int kind, int slot, int dst) {
+  return kAcksOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 32 + dst) * 8;
+}
+__host__ __device__ constexpr int64_t send_seq_offset(int kind, int slot) {
+  return kSendSeqOffset + (static_cast<int64_t>(kind) * kMaxSlots + slot) * 8;
+}
+__host__ __device__ constexpr int64_t done_offset(int kind, int slot, int which) {
+  return kDoneOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 2 + which) * 4;
+}
+
+struct Common {
+  int rank = 0;
+  int num_ranks = 1;
+  int kind = kDispatch;
+  int slot = 0;
+  int mode = kStaged;
+  int64_t my_base = 0;                  // this rank's buffer
+  const int64_t* peer_bases = nullptr;  // device [num_ranks]
+  int64_t slot_offset = 0;              // this (kind, slot)'s receive area, same on every rank
+  int64_t region_stride = 0;            // bytes per source region (multiple of 16)
+  int64_t row_stride = 0;               // bytes per row (multiple of 16)
+  int64_t max_tokens = 0;               // rows per region
+  int64_t staging = 0;                  // local [num_ranks][region_stride] (staged modes)
+  int64_t hidden = 0;                   // multiple of kFp8Block
+  int topk = 1;
+  int num_local_experts = 1;
+  uint64_t timeout_ns = 0;
+  int* status_host = nullptr;           // host-mapped status words (intranode layout)
+};
+
+struct DispatchSendParams {
+  Common c;
+  const void* x = nullptr;              // [num_tokens, hidden] bf16
+  const int64_t* topk_idx = nullptr;    // [num_tokens, topk]
+  const float* topk_weights = nullptr;  // [num_tokens, topk]
+  int num_tokens = 0;
+  int fp8 = 0;
+  int header_bytes = 0;                 // topk * 8 rounded up to 16
+  int* token_slot = nullptr;            // out [num_tokens, num_ranks]: row in each rank's region or -1
+};
+
+struct DispatchRecvParams {
+  Common c;
+  int wait_flags = 1;
+  int fp8 = 0;
+  int header_bytes = 0;
+  void* recv_x = nullptr;               // [L, num_ranks * max_tokens, hidden] bf16 or e4m3
+  float* recv_scales = nullptr;         // [L, num_ranks * max_tokens, hidden / 128] (fp8)
+  int* counts = nullptr;                // [L]
+  int* row_pos = nullptr;               // [num_ranks * max_tokens, topk]: row in expert's block or -1
+  int* row_expert = nullptr;            // [num_ranks * max_tokens, topk]: local expert or -1
+  float* row_weight = nullptr;          // [num_ranks * max_tokens, topk]
+  int* src_counts = nullptr;            // [num_ranks]: rows received from each source
+};
+
+struct CombineSendParams {
+  Common c;
+  const void* y = nullptr;              // [L, num_ranks * max_tokens, hidden] bf16
+  const int* row_pos = nullptr;
+  const int* row_expert = nullptr;
+  const float* row_weight = nullptr;
+  const int* src_counts = nullptr;
+};
+
+struct CombineRecvParams {
+  Common c;
+  int wait_flags = 1;
+  int num_tokens = 0;
+  const int* token_slot = nullptr;      // [num_tokens, num_ranks] of the dispatch
+  void* out = nullptr;                  // [num_tokens, hidden] bf16
+};
+
+// Each returns kOk, kBadArgument or kLaunchFailed (error text: intranode::last_launch_error()).
+int launch_dispatch_send(const DispatchSendParams& p, cudaStream_t stream);
+int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream);
+int launch_combine_send(const CombineSendParams& p, cudaStream_t stream);
+int launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream);
+
+inline bool common_ok(const Common& c) {
+  return c.num_ranks >= 1 && c.num_ranks <= kMaxRanks && c.rank >= 0 && c.rank < c.num_ranks && c.kind >= 0 &&
+         c.kind <= 1 && c.slot >= 0 && c.slot < kMaxSlots && c.mode >= 0 && c.mode <= 2 && c.my_base != 0 &&
+         c.my_base % 16 == 0 && c.peer_bases != nullptr && c.slot_offset % 16 == 0 && c.region_stride % 16 == 0 &&
+         c.row_stride % 16 == 0 && c.max_tokens >= 1 && c.max_tokens <= kMaxTokens && c.hidden >= kFp8Block &&
+         c.hidden % kFp8Block == 0 && c.topk >= 1 && c.topk <= kMaxTopk && c.num_local_experts >= 1 &&
+         c.status_host != nullptr && (c.mode == kDirect || (c.staging != 0 && c.staging % 16 == 0)) &&
+         c.region_stride >= kRegionHeader + c.max_tokens * c.row_stride;
+}
+
+}  // namespace ll
+}  // namespace overlap

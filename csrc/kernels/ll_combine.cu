@@ -1,0 +1,141 @@
+// Low-latency combine: the expert side sums its local experts' outputs per (token, rank) in fp32
+// with the dispatched weights and sends one bf16 row back; the hook sums the rows of all ranks
+// per token in fp32. See ll.cuh.
+#include "ll_device.cuh"
+
+namespace overlap {
+namespace ll {
+namespace {
+
+using namespace dev;
+constexpr int kIters = kChunk / 256;
+
+__global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendParams p) {
+  __shared__ uint64_t s_n;
+  __shared__ int s_flag;
+  __shared__ int s_src[kMaxRanks];
+  const Common& c = p.c;
+  if (!pack_begin(c, kCombineSend, &s_n, &s_flag)) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = c.topk;
+  if (tid < c.num_ranks) s_src[tid] = p.src_counts[tid];
+  __syncthreads();
+  const int64_t M = c.max_tokens, H = c.hidden, rows = c.num_ranks * M;
+  const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
+  const __nv_bfloat16* y = static_cast<const __nv_bfloat16*>(p.y);
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * (kSendThreads / 32) + warp; task < rows * chunks;
+       task += static_cast<int64_t>(gridDim.x) * (kSendThreads / 32)) {
+    const int64_t j = task / chunks;
+    const int r = static_cast<int>(j / M);
+    const int64_t i = j % M;
+    if (i >= s_src[r]) continue;
+    const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
+    float acc[kIters][8];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it)
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[it][u] = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int e = p.row_expert[j * K + k];
+      if (e < 0) continue;
+      const float w = p.row_weight[j * K + k];
+      const __nv_bfloat16* src = y + (static_cast<int64_t>(e) * rows + p.row_pos[j * K + k]) * H;
+      int4 v[kIters];
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int64_t ch = c0 + (it * 32 + lane) * 8;
+        v[it] = ch < H ? __ldg(reinterpret_cast<const int4*>(src + ch)) : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        float f[8];
+        unpack8(v[it], f);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc[it][u] += w * f[u];
+      }
+    }
+    char* dst = send_region(c, r) + kRegionHeader + i * c.row_stride;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t ch = c0 + (it * 32 + lane) * 8;
+      if (ch < H) reinterpret_cast<int4*>(dst)[ch / 8] = pack8(acc[it]);
+    }
+  }
+  pack_end(c, s_n, &s_flag);
+}
+
+__global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvParams p) {
+  __shared__ uint64_t s_e;
+  __shared__ int s_flag;
+  const Common& c = p.c;
+  if (!hook_begin(c, p.wait_flags != 0, kCombineRecv, &s_e, &s_flag)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = c.num_ranks;
+  const int64_t H = c.hidden;
+  const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  for (int64_t task = static_cast<int64_t>(blockIdx.x) * (kSendThreads / 32) + warp;
+       task < static_cast<int64_t>(p.num_tokens) * chunks; task += static_cast<int64_t>(gridDim.x) * (kSendThreads / 32)) {
+    const int64_t t = task / chunks, c0 = (task % chunks) * kChunk;
+    const int my_slot = lane < W ? p.token_slot[t * W + lane] : -1;
+    const unsigned from = __ballot_sync(0xffffffffu, my_slot >= 0);
+    float acc[kIters][8];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it)
+#pragma unroll
+      for (int u = 0; u < 8; ++u) acc[it][u] = 0.f;
+    for (unsigned m = from; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
+      const int row = __shfl_sync(0xffffffffu, my_slot, d);
+      const int4* src = reinterpret_cast<const int4*>(recv_region(c, d) + kRegionHeader + row * c.row_stride);
+      int4 v[kIters];
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int64_t ch = c0 + (it * 32 + lane) * 8;
+        v[it] = ch < H ? __ldcg(src + ch / 8) : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        float f[8];
+        unpack8(v[it], f);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc[it][u] += f[u];
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int64_t ch = c0 + (it * 32 + lane) * 8;
+      if (ch < H) reinterpret_cast<int4*>(out + t * H)[ch / 8] = pack8(acc[it]);
+    }
+  }
+  hook_end(c, s_e, &s_flag);
+}
+
+int grid_for(int64_t warps) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((warps + 3) / 4, 1024)));
+}
+
+}  // namespace
+
+int launch_combine_send(const CombineSendParams& p, cudaStream_t stream) {
+  const Common& c = p.c;
+  if (!common_ok(c) || p.y == nullptr || p.row_pos == nullptr || p.row_expert == nullptr || p.row_weight == nullptr ||
+      p.src_counts == nullptr || c.row_stride < c.hidden * 2 || reinterpret_cast<uint64_t>(p.y) % 16 != 0) {
+    return kBadArgument;
+  }
+  const int64_t chunks = (c.hidden + kChunk - 1) / kChunk;
+  combine_send_kernel<<<grid_for(c.num_ranks * c.max_tokens * chunks), kSendThreads, 0, stream>>>(p);
+  return intranode::record_launch();
+}
+
+int launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream) {
+  const Common& c = p.c;
+  if (!common_ok(c) || (p.num_tokens > 0 && (p.token_slot == nullptr || p.out == nullptr)) || p.num_tokens < 0 ||
+      p.num_tokens > c.max_tokens || c.row_stride < c.hidden * 2 || reinterpret_cast<uint64_t>(p.out) % 16 != 0) {
+    return kBadArgument;
+  }
+  const int64_t chunks = (c.hidden + kChunk - 1) / kChunk;
+  combine_recv_kernel<<<grid_for(p.num_tokens * chunks), kSendThreads, 0, stream>>>(p);
+  return intranode::record_launch();
+}
+
+}  // namespace ll
+}  // namespace overlap
