@@ -63,7 +63,7 @@ if [ "$MODE" != tests ]; then
     # Each study takes --world-size and --out; extra flags per script after the colon.
     for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
                  "experiments/moe_overlap.py:--figures $OUTDIR/results" "experiments/decode_bench.py:" \
-                 "experiments/decode_overlap.py:" "experiments/sm_ablation.py:"; do
+                 "experiments/decode_overlap.py:" "experiments/sm_ablation.py:--fig-dir $OUTDIR/results"; do
       script=${entry%%:*}; extra=${entry#*:}
       if [ -f "$script" ] && wanted "$(basename "$script" .py)"; then
         step "$script world size $w"
