@@ -123,12 +123,12 @@ class CudaBackend(EPBackend):
     # ------------------------------------------------------------------------------------ setup
     def check_group(self, buffer) -> None:
         if buffer.device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
+            raise ValueError(f"backend={self.name!r} needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
         if "nccl" not in str(dist.get_backend(buffer.group)).lower():
-            raise ValueError(f"backend='cuda' needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
+            raise ValueError(f"backend={self.name!r} needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
         signal_bytes, canary_offset, max_ranks, status_words = torch.ops.overlap.intranode_layout()
         if buffer.world_size > max_ranks:
-            raise ValueError(f"backend='cuda' supports at most {max_ranks} ranks, the group has {buffer.world_size}")
+            raise ValueError(f"backend={self.name!r} supports at most {max_ranks} ranks, the group has {buffer.world_size}")
         # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
         mine = torch.tensor([buffer.num_sms, buffer.hidden, buffer.max_tokens_per_rank, buffer.num_experts],
                             dtype=torch.int64, device=buffer.device)
@@ -137,7 +137,7 @@ class CudaBackend(EPBackend):
         for col, name in enumerate(("num_sms", "hidden", "max_tokens_per_rank", "num_experts")):
             values = every[:, col].tolist()
             if len(set(values)) != 1:
-                raise ValueError(f"backend='cuda' needs the same {name} on every rank, got {values} (by rank)")
+                raise ValueError(f"backend={self.name!r} needs the same {name} on every rank, got {values} (by rank)")
         self._signal_bytes, self._canary_offset = signal_bytes, canary_offset
         self._stream = torch.cuda.Stream(device=buffer.device)
         self._status, self._status_ptr = torch.ops.overlap.intranode_alloc_status(status_words)
@@ -175,7 +175,7 @@ class CudaBackend(EPBackend):
             code, peer, seq, kind = self._status.tolist()
             if code != 0:
                 what = _ERRORS.get(code, "failed with code {code}").format(t=self._timeout_s, peer=peer, code=code)
-                self._failure = (f"EPBuffer backend 'cuda', rank {self.buffer.rank}: {_KIND_NAMES.get(kind, kind)} "
+                self._failure = (f"EPBuffer backend {self.name!r}, rank {self.buffer.rank}: {_KIND_NAMES.get(kind, kind)} "
                                  f"(operation #{seq}) {what}. This EPBuffer cannot be used any more; "
                                  f"build a new one (and check {TIMEOUT_ENV} if peers are just slow).")
         if self._failure is not None:
@@ -200,7 +200,7 @@ class CudaBackend(EPBackend):
 
     def _check_not_capturing(self) -> None:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("backend='cuda' cannot be captured in a CUDA graph: the dispatch reads token counts "
+            raise RuntimeError(f"backend={self.name!r} cannot be captured in a CUDA graph: the dispatch reads token counts "
                                "on the host and every call carries a new sequence number")
 
     def _launch(self, what: str, op, *args) -> None:
@@ -209,7 +209,7 @@ class CudaBackend(EPBackend):
         try:
             op(*args)
         except Exception as exc:
-            self._failure = (f"EPBuffer backend 'cuda', rank {self.buffer.rank}: launching the {what} kernel failed "
+            self._failure = (f"EPBuffer backend {self.name!r}, rank {self.buffer.rank}: launching the {what} kernel failed "
                              f"({exc}). This EPBuffer cannot be used any more; build a new one.")
             raise RuntimeError(self._failure) from exc
 

@@ -1,0 +1,182 @@
+"""Triton backend: the CUDA backend's NVLink protocol with the data movement written in Triton.
+
+Everything around the data movement is the CUDA backend's (it is subclassed): the symmetric
+buffer and its region layout, sequence numbers and done totals, the counts exchange (its
+one-block ``notify`` kernel), the host-mapped status words, the comm stream, events and error
+reporting. Only the dispatch and combine kernels are replaced, by the Triton kernels in
+:mod:`overlap.triton_kernels.ep_intranode`, which follow the same flag protocol on the same
+buffer layout (so researchers can edit the data path in Python). Each is a persistent grid of
+exactly ``EPBuffer.num_sms`` programs; waits are bounded by ``OVERLAP_KERNEL_TIMEOUT_S`` and a
+timeout raises a RuntimeError, exactly as for the CUDA backend.
+
+Launch shape: each program moves tiles of ``BLOCK_T`` rows x ``BLOCK_H`` columns, loaded whole
+before they are stored; ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536) sets the bytes per tile,
+i.e. the bytes each SM keeps in flight. The combine's reduce loads two ranks' tiles of half
+that at once (plus fp32 accumulators).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from overlap.ep.backends.base import register_backend
+from overlap.ep.backends.cuda_backend import FP8_BLOCK, CudaBackend
+
+TILE_BYTES_ENV = "OVERLAP_TRITON_EP_TILE_BYTES"
+DEFAULT_TILE_BYTES = 65536
+NUM_WARPS = 16
+_MAX_ROW_BLOCK_BYTES = 2048   # columns per tile: 1024 bf16 (hidden 7168 = 7 blocks, no masked tail)
+_MAX_RANKS = 32
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def tile_bytes() -> int:
+    """Bytes per tile from ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536)."""
+    raw = os.environ.get(TILE_BYTES_ENV, "")
+    if raw == "":
+        return DEFAULT_TILE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 16 or value > (1 << 22):
+        raise ValueError(f"{TILE_BYTES_ENV}={raw!r} must be an integer number of bytes in [16, 4194304]")
+    return value
+
+
+def tile_shape(hidden: int, element_size: int, budget_bytes: int, *, min_block_h: int = 16) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_H): powers of two, BLOCK_H covering at most 2 KiB of a row (and no more
+    than the row), BLOCK_T rows so that a tile holds about ``budget_bytes``."""
+    if hidden < 1 or element_size < 1:
+        raise ValueError(f"hidden={hidden} and element_size={element_size} must be positive")
+    block_h = max(min_block_h, min(_next_pow2(hidden), _MAX_ROW_BLOCK_BYTES // element_size))
+    block_t = max(1, min(64, _next_pow2(budget_bytes // (block_h * element_size) + 1) // 2))
+    return block_t, block_h
+
+
+def combine_tiles(hidden: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_T of the reduce, BLOCK_TS of the send-back, BLOCK_H) of a combine: the reduce has
+    two ranks' tiles in flight plus fp32 accumulators, so half the rows of the send-back's."""
+    block_ts, block_h = tile_shape(hidden, element_size, tile_bytes())
+    return max(1, block_ts // 2), block_ts, block_h
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a one-element stand-in of its dtype when it is empty (a kernel never touches an
+    empty tensor, but the launcher wants a real device pointer of the right type)."""
+    return t if t.numel() > 0 else torch.empty(1, dtype=t.dtype, device=t.device)
+
+
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the current device: make it ``t``'s (ranks may not have set theirs)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _use_globaltimer() -> bool:
+    import triton
+
+    return not bool(triton.knobs.runtime.interpret)
+
+
+def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_bases, recv_x, recv_topk_idx,
+                    recv_topk_weights, recv_expert_counts, rank, num_blocks, max_tokens, seq, done_target,
+                    timeout_ns, status_ptr, x_region_offset, x_row_stride, meta_region_offset,
+                    recv_scales=None) -> None:
+    """The Triton dispatch kernel, with the argument order of ``torch.ops.overlap.intranode_dispatch``.
+
+    ``recv_scales`` given: quantise to e4m3 on the way (``recv_x`` is float8_e4m3fn then).
+    """
+    from overlap.triton_kernels.ep_intranode import ep_dispatch_kernel
+
+    world = peer_bases.numel()
+    num_tokens, hidden = x.shape
+    topk = topk_idx.shape[1]
+    fp8 = recv_scales is not None
+    _check_common(world, rank, num_blocks, max_tokens, num_tokens)
+    if x_row_stride % 16 or x_region_offset % 16 or meta_region_offset % 8:
+        raise ValueError(f"x_row_stride={x_row_stride} and x_region_offset={x_region_offset} must be multiples "
+                         f"of 16 and meta_region_offset={meta_region_offset} of 8")
+    if fp8:
+        if hidden % FP8_BLOCK:
+            raise ValueError(f"FP8 dispatch needs hidden to be a multiple of {FP8_BLOCK}, got hidden={hidden}")
+        if x_row_stride < hidden + hidden // FP8_BLOCK * 4:
+            raise ValueError(f"x_row_stride={x_row_stride} cannot hold {hidden} e4m3 values and their scales")
+    elif x_row_stride < hidden * x.element_size():
+        raise ValueError(f"x_row_stride={x_row_stride} is shorter than a row ({hidden * x.element_size()} bytes)")
+    block_t, block_h = tile_shape(hidden, x.element_size(), tile_bytes(), min_block_h=FP8_BLOCK if fp8 else 16)
+    scales = recv_scales if fp8 else recv_topk_weights  # unused placeholder when not quantising
+    tensors = (x, topk_idx, topk_weights, token_slot, count_matrix, peer_bases, recv_x, recv_topk_idx,
+               recv_topk_weights, recv_expert_counts, scales)
+    with _on_device_of(peer_bases):
+        ep_dispatch_kernel[(num_blocks,)](
+            *(_nonempty(t) for t in tensors), rank, world, max_tokens, seq, done_target, timeout_ns, status_ptr,
+            num_tokens, hidden, topk, recv_expert_counts.numel(), x_region_offset, x_row_stride, meta_region_offset,
+            FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, _next_pow2(topk)),
+            BLOCK_S=max(2, _next_pow2(hidden // FP8_BLOCK)), USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
+
+
+def launch_combine(y, token_slot, count_matrix, peer_bases, out, rank, num_blocks, max_tokens, seq, done_target,
+                   timeout_ns, status_ptr, region_offset, row_stride) -> None:
+    """The Triton combine kernel, with the argument order of ``torch.ops.overlap.intranode_combine``."""
+    from overlap.triton_kernels.ep_intranode import ep_combine_kernel
+
+    world = peer_bases.numel()
+    num_tokens, hidden = out.shape
+    _check_common(world, rank, num_blocks, max_tokens, num_tokens)
+    if row_stride % 16 or region_offset % 16 or row_stride < hidden * y.element_size():
+        raise ValueError(f"row_stride={row_stride} and region_offset={region_offset} must be multiples of 16 and "
+                         f"row_stride must hold a row ({hidden * y.element_size()} bytes)")
+    block_t, block_ts, block_h = combine_tiles(hidden, y.element_size())
+    with _on_device_of(peer_bases):
+        ep_combine_kernel[(num_blocks,)](
+            *(_nonempty(t) for t in (y, token_slot, count_matrix, peer_bases, out)), rank, world, max_tokens, seq,
+            done_target, timeout_ns, status_ptr, num_tokens, hidden, region_offset, row_stride,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_TS=block_ts, USE_GLOBALTIMER=_use_globaltimer(),
+            num_warps=NUM_WARPS)
+
+
+def _check_common(world, rank, num_blocks, max_tokens, num_tokens) -> None:
+    if not 1 <= world <= _MAX_RANKS:
+        raise ValueError(f"peer_bases must hold 1..{_MAX_RANKS} ranks, got {world}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, {world})")
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+    if not 0 <= num_tokens <= max_tokens:
+        raise ValueError(f"num_tokens={num_tokens} must be in [0, max_tokens={max_tokens}]")
+
+
+@register_backend
+class TritonBackend(CudaBackend):
+    """The CUDA backend's buffers and protocol, with dispatch and combine kernels in Triton."""
+
+    name = "triton"
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        try:
+            import triton
+        except ImportError as exc:
+            return False, f"triton is not installed ({exc})"
+        if triton.knobs.runtime.interpret:
+            return False, "TRITON_INTERPRET is set: Triton kernels would run on the CPU interpreter"
+        ok, why = CudaBackend.availability()
+        if not ok:
+            return False, f"it reuses the cuda backend's buffers and counts exchange, which are unavailable: {why}"
+        return True, ""
+
+    def _launch(self, what: str, op, *args) -> None:
+        # The CUDA backend's dispatch/combine bodies call this with its ops' arguments; swap in
+        # the Triton kernels (same arguments), keep its counts exchange.
+        if what == "dispatch":
+            op = launch_dispatch
+        elif what == "combine":
+            op = launch_combine
+        super()._launch(what, op, *args)
