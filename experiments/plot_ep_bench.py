@@ -44,8 +44,8 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
         ax.set_title(op)
         ax.set_xlabel("num_sms")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("wire GB/s per GPU (bytes to other GPUs)")
-    axes[1].legend(fontsize=8, loc="lower right")
     r0 = rows[0]
     fig.suptitle(f"{meta.get('device')} x{meta['world_size']}: {r0['num_tokens']} tokens/rank, hidden {r0['hidden']}, "
                  f"top-{r0['topk']}, {r0['num_experts']} experts (commit {str(meta.get('commit'))[:8]})",
