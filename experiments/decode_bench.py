@@ -74,15 +74,22 @@ def _bench_transport(rank, world_size, args, ll, x, idx, w, transport, rows):
     sent_other = int((slots >= 0).sum()) - int((slots[:, rank] >= 0).sum())
     received = int(handle.src_counts.sum())
     y = recv.clone()
+    def progress(case):
+        # A stalled case then names itself in the log (rank 0 speaks for all ranks).
+        if rank == 0:
+            print(f"[decode_bench] {transport}: {case}", flush=True)
+
     for fp8 in (False, True):
         payload = H + H // 128 * 4 if fp8 else H * 2
         rs = region_stride(T, dispatch_row_stride(H, K, fp8))
+        progress(f"dispatch {'fp8' if fp8 else 'bf16'} under graph replay")
         t = time_graph_replay(lambda: ll.dispatch(x, idx, w, use_fp8=fp8, return_recv_hook=True,
                                                   transport=transport)[3](),
                               warmup=args.warmup, iters=args.iters)
         rows.append(("dispatch", transport, "fp8" if fp8 else "bf16", t, sent_other * payload,
                      received * payload, (world_size - 1) * rs))
     out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+    progress("combine bf16 under graph replay")
     t = time_graph_replay(lambda: ll.combine(y, None, None, handle, return_recv_hook=True, out=out)[1](),
                           warmup=args.warmup, iters=args.iters)
     back_other = received - int(handle.src_counts[rank])
