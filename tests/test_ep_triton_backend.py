@@ -5,31 +5,24 @@ kernels run in the Triton interpreter on one "rank" whose symmetric buffer is a 
 (peer_bases = its address): the whole protocol (ready, send, done, receive) with one program,
 timeouts and operation mismatches with fake peers (the interpreter runs programs one after the
 other, so it cannot run waits across programs or ranks). They also compile for sm_90 with
-16-byte row accesses. GPU (>= 2 GPUs on one NVLink host): the oracle cases, equality with the
-torch backend at 4096 x 7168 bf16 top-8 of 256, back-to-back calls, FP8, timeouts that raise.
+16-byte row accesses. Its GPU tests are shared with every kernel backend:
+tests/test_ep_kernel_backends.py (where it must also match the cuda backend's combine bit for bit).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from overlap.testing import assert_ranks_pass, gpu_world_sizes, run_distributed
-from overlap.testing.ep_cases import standard_cases
-from overlap.testing.ep_check import check_case
-# Pure helpers of the CUDA backend's tests (same contract, same checks).
-from test_ep_cuda_backend import (_compare_combine, _compare_dispatch, _expert_rows, _fp8_reference, _odd_row_cases,
-                                  _random_routing, _same)
+from overlap.testing.ep_kernel_checks import _expert_rows, _fp8_reference
 
 triton = pytest.importorskip("triton")
 
 BACKEND = "triton"
-MODES = ("sync", "async", "expert_major")
 INTERPRET = bool(triton.knobs.runtime.interpret)
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs kernels on CPU tensors in the Triton interpreter")
 
@@ -417,232 +410,30 @@ def test_kernels_compile_for_sm90():
 
 
 # ---------------------------------------------------------------------------------------------- GPU: rank bodies
-def _device():
-    return torch.device("cuda", torch.cuda.current_device())
 
 
-def _need(world_size):
-    if world_size not in gpu_world_sizes((1, 2, 4, 8)):
-        pytest.skip(f"needs {world_size} GPUs")
 
 
-def _oracle_cases(rank, world_size, modes):
-    fails = []
-    for case in standard_cases(world_size) + _odd_row_cases(world_size):
-        for mode in modes:
-            fails += check_case(case, rank, world_size, BACKEND, _device(), mode)
-    return fails
 
 
-def _realistic_vs_torch_and_cuda(rank, world_size, num_sms_list):
-    """4096 x 7168 bf16, top-8 of 256: dispatch equals the torch backend exactly, combine too
-    (within fp32 reordering on > 2 ranks), and the combine equals the CUDA backend's bit for bit."""
-    from overlap.ep import EPBuffer
-
-    T, H, E, K = 4096, 7168, 256, 8
-    dev = _device()
-    gen = torch.Generator().manual_seed(100 + rank)
-    kw = dict(num_experts=E, hidden=H, max_tokens_per_rank=T, validate_values=False)
-    ref_buf = EPBuffer(None, backend="torch", **kw)
-    fails = []
-    for num_sms in num_sms_list:
-        buf = EPBuffer(None, backend=BACKEND, num_sms=num_sms, **kw)
-        cuda_buf = EPBuffer(None, backend="cuda", num_sms=num_sms, **kw)
-        for it in range(2):
-            x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev)
-            idx, w = _random_routing(T, E, K, gen, dev)
-            tag = f"[rank{rank}/num_sms={num_sms}/iter{it}]"
-            ref = ref_buf.dispatch(x, idx, w)
-            if it == 0:
-                got = buf.dispatch(x, idx, w)
-            else:
-                *got, event = buf.dispatch_async(x, idx, w)
-                event.wait()
-            fails += _compare_dispatch(tag, got, ref)
-            y = _expert_rows(ref[0])
-            ref_out = ref_buf.combine(y, ref[4])
-            if it == 0:
-                out = buf.combine(y, got[4])
-            else:
-                out, event = buf.combine_async(y, got[4])
-                event.wait()
-            fails += _compare_combine(tag, out, ref_out, world_size)
-            cuda_out = cuda_buf.combine(y, cuda_buf.dispatch(x, idx, w)[4])
-            if not _same(out, cuda_out):
-                fails.append(f"{tag} combine differs from the cuda backend's")
-    torch.cuda.synchronize()
-    return fails
 
 
-def _back_to_back(rank, world_size):
-    """Many calls with no host sync between combines: flags and regions are reused correctly."""
-    from overlap.ep import EPBuffer
-
-    T, H, E, K = 512, 512, 8 * world_size, 4
-    dev = _device()
-    gen = torch.Generator().manual_seed(7 + rank)
-    ref_buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend="torch", validate_values=False)
-    buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend=BACKEND, num_sms=8,
-                   validate_values=False)
-    fails = []
-    for rnd, dtype in enumerate((torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16)):
-        inputs = []
-        for _ in range(3):
-            n = int(torch.randint(0, T + 1, (1,), generator=gen))
-            x = (torch.randn(n, H, generator=gen) * 3).to(dtype).to(dev)
-            inputs.append((x, *_random_routing(n, E, K, gen, dev)))
-        pending = [buf.dispatch_async(*inp) for inp in inputs]
-        for p in pending:
-            p[5].wait()
-        outs = [buf.combine_async(_expert_rows(p[0]), p[4]) for p in pending]
-        for _, event in outs:
-            event.wait()
-        for j, (inp, p, (out, _)) in enumerate(zip(inputs, pending, outs)):
-            ref = ref_buf.dispatch(*inp)
-            tag = f"[rank{rank}/round{rnd}/{dtype}/call{j}]"
-            fails += _compare_dispatch(tag, p[:5], ref)
-            fails += _compare_combine(tag, out, ref_buf.combine(_expert_rows(ref[0]), ref[4]), world_size)
-    torch.cuda.synchronize()
-    return fails
 
 
-def _fp8_vs_reference(rank, world_size):
-    """dispatch_fp8 equals the torch backend's dispatch followed by the reference quantisation."""
-    from overlap.ep import EPBuffer
-
-    dev = _device()
-    gen = torch.Generator().manual_seed(300 + rank)
-    fails = []
-    for T, H, E, K, dtype, num_sms in ((4096, 7168, 256, 8, torch.bfloat16, 24),
-                                       (100, 256, 8 * world_size, 3, torch.float32, 3),
-                                       (37, 128, 4 * world_size, 2, torch.float16, 1)):
-        ref_buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend="torch")
-        buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend=BACKEND, num_sms=num_sms)
-        x = (torch.randn(T, H, generator=gen) * torch.rand(T, 1, generator=gen) * 50).to(dtype)
-        x[0, :128] = 0
-        x = x.to(dev)
-        idx, w = _random_routing(T, E, K, gen, dev)
-        tag = f"[rank{rank}/fp8/{dtype}/H={H}]"
-        ref = ref_buf.dispatch(x, idx, w)
-        q, scales, ridx, rw, counts, handle, event = buf.dispatch_fp8_async(x, idx, w)
-        event.wait()
-        exp_q, exp_s = _fp8_reference(ref[0])
-        if not torch.equal(q.view(torch.uint8).cpu(), exp_q.view(torch.uint8)):
-            bad = (q.view(torch.uint8).cpu() != exp_q.view(torch.uint8)).sum().item()
-            fails.append(f"{tag} e4m3 values differ from the reference in {bad} of {q.numel()} places")
-        if not torch.equal(scales.cpu(), exp_s):
-            fails.append(f"{tag} scales differ from the reference")
-        for name, got, exp in (("recv_topk_idx", ridx, ref[1]), ("recv_topk_weights", rw, ref[2]),
-                               ("counts", counts, ref[3])):
-            if not _same(got, exp):
-                fails.append(f"{tag} {name} differs from the torch backend")
-        y = _expert_rows(ref[0])
-        fails += _compare_combine(tag, buf.combine(y, handle), ref_buf.combine(y, ref[4]), world_size)
-    torch.cuda.synchronize()
-    return fails
 
 
-def _one_rank_skips_combine(rank, world_size, timeout_s):
-    """Rank 1 skips a combine: rank 0's kernel must time out and raise, naming rank 1."""
-    from overlap.ep import EPBuffer
-
-    T, H, E, K = 64, 128, 4 * world_size, 2
-    dev = _device()
-    gen = torch.Generator().manual_seed(rank)
-    buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend=BACKEND, num_sms=4)
-    x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev)
-    idx, w = _random_routing(T, E, K, gen, dev)
-    recv_x, _, _, _, handle = buf.dispatch(x, idx, w)
-    y = _expert_rows(recv_x)
-    buf.combine(y, handle)  # compiles the combine kernel before the timed part
-    torch.cuda.synchronize()
-    start = time.monotonic()
-    if rank == 1:
-        time.sleep(timeout_s + 3)
-    buf.combine(y, handle)
-    torch.cuda.synchronize()
-    elapsed = time.monotonic() - start
-    try:
-        buf.combine(y, handle)
-    except RuntimeError as exc:
-        return {"raised": str(exc), "elapsed": elapsed}
-    return {"raised": None, "elapsed": elapsed}
 
 
-def _mismatched_operations(rank, world_size):
-    """Rank 0 combines while rank 1 dispatches under the same sequence number: both raise fast."""
-    from overlap.ep import EPBuffer
-
-    T, H, E, K = 32, 64, 2 * world_size, 2
-    dev = _device()
-    gen = torch.Generator().manual_seed(rank)
-    buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend=BACKEND, num_sms=2)
-    x = torch.randn(T, H, generator=gen).to(dev)
-    idx, w = _random_routing(T, E, K, gen, dev)
-    recv_x, _, _, _, handle = buf.dispatch(x, idx, w)
-    buf.combine(recv_x, handle)  # both kernels compiled before the timed part
-    torch.cuda.synchronize()
-    start = time.monotonic()
-    try:
-        if rank == 0:
-            buf.combine(recv_x, handle)
-            torch.cuda.synchronize()
-            buf.combine(recv_x, handle)
-        else:
-            buf.dispatch(x, idx, w)
-    except RuntimeError as exc:
-        return {"raised": str(exc), "elapsed": time.monotonic() - start}
-    return {"raised": None, "elapsed": time.monotonic() - start}
 
 
 # ---------------------------------------------------------------------------------------------- GPU tests
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_triton_backend_oracle_cases(world_size):
-    _need(world_size)
-    assert_ranks_pass(_oracle_cases, world_size, MODES, backend="nccl", timeout_s=500)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_triton_dispatch_equals_torch_and_cuda_at_realistic_size(world_size):
-    _need(world_size)
-    assert_ranks_pass(_realistic_vs_torch_and_cuda, world_size, (1, 8, 24), backend="nccl", timeout_s=500)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_triton_back_to_back_calls(world_size):
-    _need(world_size)
-    assert_ranks_pass(_back_to_back, world_size, backend="nccl", timeout_s=300)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_triton_fp8_dispatch(world_size):
-    _need(world_size)
-    assert_ranks_pass(_fp8_vs_reference, world_size, backend="nccl", timeout_s=300)
 
 
-@pytest.mark.gpu
-def test_triton_timeout_raises_instead_of_hanging():
-    _need(2)
-    timeout_s = 2.0
-    results = run_distributed(_one_rank_skips_combine, 2, timeout_s, backend="nccl", timeout_s=120,
-                              env={"OVERLAP_KERNEL_TIMEOUT_S": str(timeout_s)})
-    r0, r1 = results
-    assert r0["raised"] and "combine" in r0["raised"] and "rank 1" in r0["raised"], r0
-    assert "start the same operation" in r0["raised"], r0
-    assert r1["raised"] and "rank 0" in r1["raised"], r1
-    assert r0["elapsed"] < timeout_s + 10, r0
 
 
-@pytest.mark.gpu
-def test_triton_mismatched_operations_raise():
-    _need(2)
-    results = run_distributed(_mismatched_operations, 2, backend="nccl", timeout_s=120,
-                              env={"OVERLAP_KERNEL_TIMEOUT_S": "5"})
-    for rank, res in enumerate(results):
-        assert res["raised"] and "different operation" in res["raised"], (rank, res)
-        assert f"rank {1 - rank}" in res["raised"], (rank, res)
-        assert res["elapsed"] < 5, (rank, res)
