@@ -17,25 +17,25 @@ def _need(world_size):
         pytest.skip(f"needs {world_size} GPUs")
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_oracle_cases(backend, world_size):
     _need(world_size)
     assert_ranks_pass(checks.oracle_cases, world_size, backend, MODES, backend="nccl", timeout_s=500)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_dispatch_equals_reference_at_standard_size(backend, world_size):
     _need(world_size)
     assert_ranks_pass(checks.realistic_vs_torch, world_size, backend, (1, 8, 24), backend="nccl", timeout_s=500)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_back_to_back_calls(backend, world_size):
     _need(world_size)
     assert_ranks_pass(checks.back_to_back, world_size, backend, backend="nccl", timeout_s=300)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_fp8_dispatch(backend, world_size):
     _need(world_size)
     assert_ranks_pass(checks.fp8_vs_reference, world_size, backend, backend="nccl", timeout_s=300)

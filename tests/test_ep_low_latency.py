@@ -118,7 +118,7 @@ def _device():
 
 
 def _need(world_size):
-    if world_size not in gpu_world_sizes((2, 4)):
+    if world_size not in gpu_world_sizes((2, 4, 8)):
         pytest.skip(f"needs {world_size} GPUs")
 
 
@@ -363,21 +363,21 @@ def _timeout_rank(rank, W):
 
 # ---------------------------------------------------------------------------------------------- GPU tests
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_low_latency_matches_oracle(world_size):
     _need(world_size)
     assert_ranks_pass(_oracle_rank, world_size, backend="nccl", timeout_s=300)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_three_operations_in_flight(world_size):
     _need(world_size)
     assert_ranks_pass(_in_flight_rank, world_size, backend="nccl", timeout_s=240)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_decode_step_cuda_graph(world_size):
     _need(world_size)
     assert_ranks_pass(_graph_rank, world_size, backend="nccl", timeout_s=240)
