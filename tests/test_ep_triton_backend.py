@@ -10,15 +10,13 @@ tests/test_ep_kernel_backends.py (where it must also match the cuda backend's co
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from overlap.ep.backends.triton_backend import NUM_WARPS
 from overlap.testing.ep_kernel_checks import _expert_rows, _fp8_reference
+from triton_sm90 import ptx_for_sm90, run_without_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -335,18 +333,6 @@ def test_launch_arguments_are_checked():
 
 
 # ---------------------------------------------------------------------------------------------- CPU: sm_90 build
-def _ptx_for_sm90(kernel, types: dict, constexprs: dict, aligned) -> str:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from overlap.ep.backends.triton_backend import NUM_WARPS
-
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS}).asm["ptx"]
-
-
 def compile_all_for_sm90() -> None:
     """Compile the kernels as launched at 4096 x 7168 bf16; check what the data path and flags became."""
     import re
@@ -363,10 +349,10 @@ def compile_all_for_sm90() -> None:
     for fp8 in (False, True):
         block_t, block_h = tile_shape(7168, 2, DEFAULT_TILE_BYTES, min_block_h=128 if fp8 else 16)
         types = dict(common, x_ptr="*bf16", recv_x_ptr="*fp8e4nv" if fp8 else "*bf16")
-        ptx = _ptx_for_sm90(k.ep_dispatch_kernel, types,
-                            {"FP8": fp8, "BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_K": 8, "BLOCK_S": 64,
-                             "USE_GLOBALTIMER": True},
-                            ("x_ptr", "recv_x_ptr", "hidden", "x_offset", "row_stride", "meta_offset"))
+        constexprs = {"FP8": fp8, "BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_K": 8, "BLOCK_S": 64,
+                      "USE_GLOBALTIMER": True}
+        ptx = ptx_for_sm90(k.ep_dispatch_kernel, types, constexprs, NUM_WARPS,
+                           ("x_ptr", "recv_x_ptr", "hidden", "x_offset", "row_stride", "meta_offset"))
         per_thread = block_t * block_h * (1 if fp8 else 2) // (16 * 512)  # 16-byte vectors per thread per tile
         assert ptx.count("ld.global.v4.b32") >= 8, f"dispatch fp8={fp8}: x tile not read in 16-byte vectors"
         assert ptx.count("st.global.v4.b32") >= 2 * per_thread, f"dispatch fp8={fp8}: rows not stored in 16 B"
@@ -375,9 +361,9 @@ def compile_all_for_sm90() -> None:
         if fp8:
             assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "div.rn.f32" in ptx
     block_t, block_ts, block_h = combine_tiles(7168, 2)
-    ptx = _ptx_for_sm90(k.ep_combine_kernel, dict(common, y_ptr="*bf16", out_ptr="*bf16"),
-                        {"BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_TS": block_ts, "USE_GLOBALTIMER": True},
-                        ("y_ptr", "out_ptr", "hidden", "region_offset", "row_stride"))
+    ptx = ptx_for_sm90(k.ep_combine_kernel, dict(common, y_ptr="*bf16", out_ptr="*bf16"),
+                       {"BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_TS": block_ts, "USE_GLOBALTIMER": True},
+                       NUM_WARPS, ("y_ptr", "out_ptr", "hidden", "region_offset", "row_stride"))
     reduce_vecs, send_vecs = block_t * block_h * 2 // (16 * 512), block_ts * block_h * 2 // (16 * 512)
     assert ptx.count("ld.global.v4.b32") >= send_vecs, "combine: y not read in 16-byte vectors"
     assert ptx.count("ld.global.cg.v4.b32") >= 2 * reduce_vecs, "combine: two ranks' rows not read in 16 B"
@@ -392,21 +378,18 @@ def compile_all_for_sm90() -> None:
         aligned = ("x_ptr", "recv_x_ptr", "hidden") if hidden % 16 == 0 else ("x_ptr", "recv_x_ptr")
         types = dict(common, x_ptr=f"*{dtype}", recv_x_ptr="*fp8e4nv" if fp8 else f"*{dtype}")
         block_k = max(2, 1 << (topk - 1).bit_length())
-        _ptx_for_sm90(k.ep_dispatch_kernel, types, {"FP8": fp8, "BLOCK_T": block_t, "BLOCK_H": block_h,
-                                                    "BLOCK_K": block_k, "BLOCK_S": 2, "USE_GLOBALTIMER": True}, aligned)
+        ptx_for_sm90(k.ep_dispatch_kernel, types, {"FP8": fp8, "BLOCK_T": block_t, "BLOCK_H": block_h,
+                                                   "BLOCK_K": block_k, "BLOCK_S": 2, "USE_GLOBALTIMER": True},
+                     NUM_WARPS, aligned)
         if not fp8:
             block_t, block_ts, block_h = combine_tiles(hidden, size)
-            _ptx_for_sm90(k.ep_combine_kernel, dict(common, y_ptr=f"*{dtype}", out_ptr=f"*{dtype}"),
-                          {"BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_TS": block_ts, "USE_GLOBALTIMER": True},
-                          ("y_ptr", "out_ptr"))
+            ptx_for_sm90(k.ep_combine_kernel, dict(common, y_ptr=f"*{dtype}", out_ptr=f"*{dtype}"),
+                         {"BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_TS": block_ts, "USE_GLOBALTIMER": True},
+                         NUM_WARPS, ("y_ptr", "out_ptr"))
 
 
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import {Path(__file__).stem} as t; t.compile_all_for_sm90()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_without_interpreter(__file__)
 
 
 # ---------------------------------------------------------------------------------------------- GPU: rank bodies

@@ -8,11 +8,7 @@ torch.compile and opcheck.
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +18,7 @@ triton = pytest.importorskip("triton")
 from overlap.ep import layout as ref  # noqa: E402
 from overlap.triton_kernels import gather_reduce, permute_rows, routing_layout  # noqa: E402
 from overlap.triton_kernels.layout import layout_launch_config  # noqa: E402
+from triton_sm90 import ptx_for_sm90, run_without_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUT_FIELDS = ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank", "token_slot_in_rank")
@@ -366,23 +363,6 @@ def test_gather_reduce_realistic_gpu(num_ranks):
 # because the interpreter patches triton.language in ways that break the compiler.
 # ---------------------------------------------------------------------------------------------
 
-def _ptx_for_sm90(kernel, constexprs: dict, num_warps: int, ptr_types: dict, aligned=()) -> str:
-    """PTX of ``kernel`` for sm_90; ``aligned`` args get the divisible-by-16 specialisation that
-    Triton's launcher gives 16-byte-aligned pointers and multiples of 16."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    fn = JITFunction(kernel.fn)
-    signature = {name: "constexpr" if name in constexprs
-                 else ptr_types.get(name, "*i32") if name.endswith("_ptr") else "i32"
-                 for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    return compiled.asm["ptx"]
-
-
 def compile_all_for_sm90() -> None:
     """Compile every kernel variant the launchers pick; check 16-byte row accesses."""
     from overlap.triton_kernels import layout as tk_layout, permute as tk_permute, reduce as tk_reduce
@@ -391,33 +371,28 @@ def compile_all_for_sm90() -> None:
     warps = tk_layout._NUM_WARPS
     for num_tokens, num_ranks in [(128, 8), (4096, 8), (4096, 64)]:
         block_t, block_w, fused = layout_launch_config(num_tokens, num_ranks)
-        _ptx_for_sm90(tk_layout._count_kernel, {"FUSED": fused, "BLOCK_T": block_t, "BLOCK_W": block_w},
-                      warps, {"topk_ptr": "*i64", "in_rank_ptr": "*i1"})
+        ptx_for_sm90(tk_layout._count_kernel, {"topk_ptr": "*i64", "in_rank_ptr": "*i1"},
+                     {"FUSED": fused, "BLOCK_T": block_t, "BLOCK_W": block_w}, warps)
         if not fused:
-            _ptx_for_sm90(tk_layout._scan_kernel, {"BLOCK_B": 16, "BLOCK_W": block_w}, warps, {})
-            _ptx_for_sm90(tk_layout._slot_kernel, {"BLOCK_T": block_t, "BLOCK_W": block_w}, warps,
-                          {"in_rank_ptr": "*i1"})
+            ptx_for_sm90(tk_layout._scan_kernel, {}, {"BLOCK_B": 16, "BLOCK_W": block_w}, warps)
+            ptx_for_sm90(tk_layout._slot_kernel, {"in_rank_ptr": "*i1"}, {"BLOCK_T": block_t, "BLOCK_W": block_w},
+                         warps)
     for dtype, size in [("bf16", 2), ("fp32", 4), ("fp8e4nv", 1)]:
-        ptx = _ptx_for_sm90(tk_permute._permute_rows_kernel, {"BLOCK_H": row_block(size, 7168)}, NUM_WARPS,
-                            {"x_ptr": f"*{dtype}", "group_offsets_ptr": "*i64", "out_ptr": f"*{dtype}"},
-                            aligned=("x_ptr", "out_ptr", "hidden"))
+        ptx = ptx_for_sm90(tk_permute._permute_rows_kernel,
+                           {"x_ptr": f"*{dtype}", "group_offsets_ptr": "*i64", "out_ptr": f"*{dtype}"},
+                           {"BLOCK_H": row_block(size, 7168)}, NUM_WARPS, aligned=("x_ptr", "out_ptr", "hidden"))
         assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, f"permute_rows {dtype}"
     for has_weights in (True, False):
-        ptx = _ptx_for_sm90(tk_reduce._gather_reduce_kernel,
-                            {"HAS_WEIGHTS": has_weights, "BLOCK_J": 8, "BLOCK_H": row_block(2, 7168)},
-                            NUM_WARPS, {"src_ptr": "*bf16", "index_ptr": "*i64", "weights_ptr": "*fp32",
-                                        "out_ptr": "*bf16"},
-                            aligned=("src_ptr", "out_ptr", "hidden"))
+        ptx = ptx_for_sm90(tk_reduce._gather_reduce_kernel,
+                           {"src_ptr": "*bf16", "index_ptr": "*i64", "weights_ptr": "*fp32", "out_ptr": "*bf16"},
+                           {"HAS_WEIGHTS": has_weights, "BLOCK_J": 8, "BLOCK_H": row_block(2, 7168)}, NUM_WARPS,
+                           aligned=("src_ptr", "out_ptr", "hidden"))
         # One 16-byte load per gathered row (BLOCK_J of them in flight), one 16-byte store.
         assert ptx.count("ld.global.v4.b32") >= 8 and "st.global.v4.b32" in ptx, f"gather {has_weights}"
 
 
 def test_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import {Path(__file__).stem} as t; t.compile_all_for_sm90()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_without_interpreter(__file__)
 
 
 # ---------------------------------------------------------------------------------------------
