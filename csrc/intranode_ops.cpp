@@ -43,15 +43,12 @@ void check_launch(int status, const char* op) {
 
 // Fills the fields every operation shares.
 in::CommonParams common_params(const at::Tensor& peer_bases, const at::Device& device, int64_t rank, int64_t num_blocks,
-                               int64_t max_tokens, int64_t seq, int64_t done_target, int64_t timeout_ns,
-                               int64_t status_ptr) {
+                               int64_t max_tokens, int64_t timeout_ns, int64_t status_ptr) {
   check_cuda_tensor(peer_bases, "peer_bases", at::kLong, 1, device);
   const int64_t world = peer_bases.size(0);
   TORCH_CHECK(world >= 1 && world <= in::kMaxRanks, "world size ", world, " not in [1, ", in::kMaxRanks, "]");
   TORCH_CHECK(rank >= 0 && rank < world, "rank ", rank, " not in [0, ", world, ")");
   TORCH_CHECK(num_blocks >= 1, "num_blocks must be >= 1, got ", num_blocks);
-  TORCH_CHECK(seq >= 1, "seq must be >= 1, got ", seq);
-  TORCH_CHECK(done_target >= num_blocks, "done_target must count this operation's blocks, got ", done_target);
   TORCH_CHECK(timeout_ns > 0, "timeout_ns must be > 0, got ", timeout_ns);
   TORCH_CHECK(status_ptr != 0, "status_ptr must be a mapped host pointer");
   in::CommonParams c;
@@ -59,12 +56,15 @@ in::CommonParams common_params(const at::Tensor& peer_bases, const at::Device& d
   c.num_ranks = static_cast<int>(world);
   c.num_blocks = static_cast<int>(num_blocks);
   c.max_tokens = max_tokens;
-  c.seq = static_cast<uint64_t>(seq);
-  c.done_target = static_cast<uint64_t>(done_target);
   c.timeout_ns = static_cast<uint64_t>(timeout_ns);
   c.peer_bases = peer_bases.data_ptr<int64_t>();
   c.status_host = reinterpret_cast<int*>(status_ptr);
   return c;
+}
+
+void check_send_warps(int64_t send_warps) {
+  TORCH_CHECK(send_warps >= 1 && send_warps < in::kWarps, "send_warps must be in [1, ", in::kWarps - 1,
+              "] (the other warps of a block receive), got ", send_warps);
 }
 
 const int* count_matrix_ptr(const at::Tensor& count_matrix, int64_t world, const at::Device& device) {
@@ -75,14 +75,13 @@ const int* count_matrix_ptr(const at::Tensor& count_matrix, int64_t world, const
 }
 
 void intranode_notify(const at::Tensor& send_counts, const at::Tensor& peer_bases, const at::Tensor& count_matrix,
-                      int64_t rank, int64_t num_blocks, int64_t max_tokens, int64_t seq, int64_t done_target,
-                      int64_t timeout_ns, int64_t status_ptr) {
+                      int64_t rank, int64_t num_blocks, int64_t max_tokens, int64_t timeout_ns, int64_t status_ptr) {
   TORCH_CHECK(num_blocks == 1, "the counts exchange runs on one block, got num_blocks=", num_blocks);
   TORCH_CHECK(send_counts.is_cuda(), "send_counts must be a CUDA tensor");
   const at::Device device = send_counts.device();
   const c10::cuda::CUDAGuard guard(device);
   const in::CommonParams c =
-      common_params(peer_bases, device, rank, num_blocks, max_tokens, seq, done_target, timeout_ns, status_ptr);
+      common_params(peer_bases, device, rank, num_blocks, max_tokens, timeout_ns, status_ptr);
   check_cuda_tensor(send_counts, "send_counts", at::kInt, 1, device);
   TORCH_CHECK(send_counts.size(0) == c.num_ranks, "send_counts must have ", c.num_ranks, " entries");
   int* out = const_cast<int*>(count_matrix_ptr(count_matrix, c.num_ranks, device));
@@ -94,8 +93,8 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
                         const at::Tensor& token_slot, const at::Tensor& count_matrix, const at::Tensor& peer_bases,
                         const at::Tensor& recv_x, const at::Tensor& recv_topk_idx, const at::Tensor& recv_topk_weights,
                         const at::Tensor& recv_expert_counts, int64_t rank, int64_t num_blocks, int64_t max_tokens,
-                        int64_t seq, int64_t done_target, int64_t timeout_ns, int64_t status_ptr,
-                        int64_t x_region_offset, int64_t x_row_stride, int64_t meta_region_offset,
+                        int64_t timeout_ns, int64_t status_ptr, int64_t x_region_offset, int64_t x_row_stride,
+                        int64_t meta_region_offset, int64_t flag_region_offset, int64_t send_warps,
                         const std::optional<at::Tensor>& recv_scales) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   const at::Device device = x.device();
@@ -110,7 +109,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
   check_cuda_tensor(topk_weights, "topk_weights", at::kFloat, 2, device);
   TORCH_CHECK(topk_weights.sizes() == topk_idx.sizes(), "topk_weights must have topk_idx's shape");
   in::DispatchParams p;
-  p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, seq, done_target, timeout_ns, status_ptr);
+  p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, timeout_ns, status_ptr);
   const int64_t world = p.c.num_ranks;
   p.c.count_matrix = count_matrix_ptr(count_matrix, world, device);
   check_cuda_tensor(token_slot, "token_slot", at::kInt, 2, device);
@@ -126,7 +125,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
     TORCH_CHECK(recv_scales->size(0) == num_recv && recv_scales->size(1) == hidden / in::kFp8Block,
                 "recv_scales must be [", num_recv, ", ", hidden / in::kFp8Block, "], got ", recv_scales->sizes());
   }
-  TORCH_CHECK(num_recv <= world * max_tokens, "recv_x has more rows than the region holds");
+  check_send_warps(send_warps);
   check_cuda_tensor(recv_topk_idx, "recv_topk_idx", at::kLong, 2, device);
   TORCH_CHECK(recv_topk_idx.size(0) == num_recv && recv_topk_idx.size(1) == topk, "recv_topk_idx must be [", num_recv,
               ", ", topk, "]");
@@ -146,6 +145,9 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
   p.x_region_offset = x_region_offset;
   p.x_row_stride = x_row_stride;
   p.meta_region_offset = meta_region_offset;
+  p.flag_region_offset = flag_region_offset;
+  p.send_warps = static_cast<int>(send_warps);
+  p.num_out_rows = num_recv;
   p.recv_x = recv_x.data_ptr();
   p.recv_scales = quantise ? recv_scales->data_ptr<float>() : nullptr;
   p.recv_topk_idx = recv_topk_idx.data_ptr<int64_t>();
@@ -156,15 +158,15 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
 
 void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const at::Tensor& count_matrix,
                        const at::Tensor& peer_bases, const at::Tensor& out, int64_t rank, int64_t num_blocks,
-                       int64_t max_tokens, int64_t seq, int64_t done_target, int64_t timeout_ns, int64_t status_ptr,
-                       int64_t region_offset, int64_t row_stride) {
+                       int64_t max_tokens, int64_t timeout_ns, int64_t status_ptr, int64_t region_offset,
+                       int64_t row_stride, int64_t flag_region_offset, int64_t send_warps) {
   TORCH_CHECK(y.is_cuda(), "y must be a CUDA tensor");
   const at::Device device = y.device();
   const c10::cuda::CUDAGuard guard(device);
   check_cuda_tensor(y, "y", y.scalar_type(), 2, device);
   in::CombineParams p;
   p.dtype = dtype_code(y.scalar_type());
-  p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, seq, done_target, timeout_ns, status_ptr);
+  p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, timeout_ns, status_ptr);
   const int64_t world = p.c.num_ranks, hidden = y.size(1);
   p.c.count_matrix = count_matrix_ptr(count_matrix, world, device);
   check_cuda_tensor(out, "out", y.scalar_type(), 2, device);
@@ -178,8 +180,11 @@ void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const 
   p.token_slot = token_slot.data_ptr<int>();
   p.num_tokens = num_tokens;
   p.hidden = hidden;
+  check_send_warps(send_warps);
   p.region_offset = region_offset;
   p.row_stride = row_stride;
+  p.flag_region_offset = flag_region_offset;
+  p.send_warps = static_cast<int>(send_warps);
   p.out = out.data_ptr();
   check_launch(in::launch_combine(p, c10::cuda::getCurrentCUDAStream(device.index())), "intranode_combine");
 }
@@ -216,7 +221,7 @@ std::tuple<at::Tensor, int64_t> intranode_alloc_status(int64_t num_words) {
 }
 
 std::vector<int64_t> intranode_layout() {
-  return {in::kSignalBytes, in::kCanaryOffset, in::kMaxRanks, in::kStatusWords};
+  return {in::kSignalBytes, in::kCanaryOffset, in::kMaxRanks, in::kStatusWords, in::kWarps, in::kDefaultSendWarps};
 }
 
 }  // namespace
@@ -224,17 +229,17 @@ std::vector<int64_t> intranode_layout() {
 TORCH_LIBRARY_FRAGMENT(overlap, m) {
   m.def(
       "intranode_notify(Tensor send_counts, Tensor peer_bases, Tensor(a!) count_matrix, int rank, int num_blocks, "
-      "int max_tokens, int seq, int done_target, int timeout_ns, int status_ptr) -> ()");
+      "int max_tokens, int timeout_ns, int status_ptr) -> ()");
   m.def(
       "intranode_dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor token_slot, Tensor count_matrix, "
       "Tensor peer_bases, Tensor(a!) recv_x, Tensor(b!) recv_topk_idx, Tensor(c!) recv_topk_weights, "
-      "Tensor(d!) recv_expert_counts, int rank, int num_blocks, int max_tokens, int seq, int done_target, "
-      "int timeout_ns, int status_ptr, int x_region_offset, int x_row_stride, int meta_region_offset, "
+      "Tensor(d!) recv_expert_counts, int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, "
+      "int x_region_offset, int x_row_stride, int meta_region_offset, int flag_region_offset, int send_warps, "
       "Tensor(e!)? recv_scales=None) -> ()");
   m.def(
       "intranode_combine(Tensor y, Tensor token_slot, Tensor count_matrix, Tensor peer_bases, Tensor(a!) out, "
-      "int rank, int num_blocks, int max_tokens, int seq, int done_target, int timeout_ns, int status_ptr, "
-      "int region_offset, int row_stride) -> ()");
+      "int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, int region_offset, int row_stride, "
+      "int flag_region_offset, int send_warps) -> ()");
   m.def("intranode_read_peer_u64(Tensor peer_bases, int offset) -> Tensor");
   // No tensor arguments: these register as catch-all kernels.
   m.def("intranode_alloc_status(int num_words) -> (Tensor, int)", &intranode_alloc_status);

@@ -9,6 +9,11 @@ Bytes counted (per GPU): `wire` = token rows this rank sends to *other* ranks (x
 top-k ids/weights) for dispatch, and the rows it sends back for combine; `logical` = all rows
 received including the rank's own (DeepEP's convention). GB/s = bytes / time_us (10^9 B/s).
 time_us = the slowest rank's median over the timed iterations (CUDA events on GPU).
+
+Kernel backends run each dispatch in two modes (``--modes``): ``exact`` sizes the outputs from
+the counts (one host sync per dispatch), ``budget`` passes ``num_worst_tokens = W * tokens``
+(no host sync; what a CUDA-graph-captured step runs). Rows record both and the send/receive
+warp split of the CUDA kernels (``OVERLAP_CUDA_SEND_WARPS``).
 """
 from __future__ import annotations
 
@@ -64,29 +69,36 @@ def _bench_rank(rank, world_size, args):
     backends = [b for b in args.backends if b in available_backends()] if args.backends else available_backends()
     for backend in backends:
         sms_list = args.num_sms if backend != "torch" else [None]  # the torch backend leaves SMs to NCCL
-        for num_sms in sms_list:
+        modes = args.modes if backend != "torch" else ["exact"]
+        for num_sms, mode in [(n, m) for n in sms_list for m in modes]:
             buf = EPBuffer(group, num_experts=args.experts, hidden=args.hidden, max_tokens_per_rank=args.tokens,
                            backend=backend, num_sms=num_sms or 20, validate_values=False, device=device)
+            budget = world_size * args.tokens if mode == "budget" else None
+            send_warps = getattr(buf._backend, "_send_warps", None) if backend == "cuda" else None
             recv_x, recv_idx, recv_w, counts, handle = buf.dispatch(x, idx, w)
             lay = handle.layout
             sent_rows = lay.num_tokens_per_rank.to(torch.int64)
             wire_rows = int(sent_rows.sum() - sent_rows[rank])
             recv_rows = recv_x.shape[0]
-            y = torch.randn(recv_rows, args.hidden, device=device).to(dtype)
-            t_disp = time_fn(lambda: buf.dispatch(x, idx, w), warmup=args.warmup, iters=args.iters, barrier=barrier)
+            if budget is not None:
+                handle = buf.dispatch(x, idx, w, num_worst_tokens=budget)[4]
+            y = torch.randn(handle.num_recv_tokens, args.hidden, device=device).to(dtype)
+            t_disp = time_fn(lambda: buf.dispatch(x, idx, w, num_worst_tokens=budget), warmup=args.warmup,
+                             iters=args.iters, barrier=barrier)
             t_comb = time_fn(lambda: buf.combine(y, handle), warmup=args.warmup, iters=args.iters, barrier=barrier)
             back_wire_rows = recv_rows - int(sent_rows[rank])  # rows returned to other ranks
             timed = [("dispatch", t_disp, wire_rows, recv_rows, row_bytes, args.dtype),
                      ("combine", t_comb, back_wire_rows, int(sent_rows.sum()), row_bytes, args.dtype)]
             if hasattr(buf._backend, "dispatch_fp8") and args.hidden % 128 == 0:
-                t_fp8 = time_fn(lambda: buf.dispatch_fp8(x, idx, w), warmup=args.warmup, iters=args.iters,
-                                barrier=barrier)
+                t_fp8 = time_fn(lambda: buf.dispatch_fp8(x, idx, w, num_worst_tokens=budget), warmup=args.warmup,
+                                iters=args.iters, barrier=barrier)
                 fp8_row_bytes = args.hidden + args.hidden // 128 * 4  # e4m3 values + fp32 scales
                 timed.append(("dispatch", t_fp8, wire_rows, recv_rows, fp8_row_bytes, "fp8"))
             for op, t, wire, logical, nbytes, dtype_name in timed:
                 time_us = gather_max(t["time_us"])
                 wire_b, logical_b = gather_mean(wire * nbytes), gather_mean(logical * nbytes)
-                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "dtype": dtype_name, "time_us": time_us,
+                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode, "send_warps": send_warps,
+                             "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                              "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                              "min_us": gather_max(t["min_us"]), "iters": args.iters})
@@ -107,7 +119,8 @@ def _bench_rank(rank, world_size, args):
     wire_rows = int(send_counts.sum() - send_counts[rank])
     time_us = gather_max(t["time_us"])
     wire_b, logical_b = gather_mean(wire_rows * row_bytes), gather_mean(recv.shape[0] * row_bytes)
-    rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None, "dtype": args.dtype,
+    rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None, "mode": "exact",
+                 "send_warps": None, "dtype": args.dtype,
                  "time_us": time_us, "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                  "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                  "min_us": gather_max(t["min_us"]), "iters": args.iters})
@@ -117,11 +130,12 @@ def _bench_rank(rank, world_size, args):
 
 
 def print_table(rows):
-    print(f"\n{'op':<18}{'backend':<9}{'dtype':<6}{'SMs':>5}{'time_us':>11}{'wire GB/s':>11}{'logical GB/s':>14}")
+    print(f"\n{'op':<18}{'backend':<9}{'mode':<7}{'dtype':<6}{'SMs':>5}{'time_us':>11}{'wire GB/s':>11}"
+          f"{'logical GB/s':>14}")
     for r in rows:
         sms = "-" if r["num_sms"] is None else r["num_sms"]
-        print(f"{r['op']:<18}{r['backend']:<9}{r['dtype']:<6}{sms:>5}{r['time_us']:>11.1f}{r['wire_gbps']:>11.1f}"
-              f"{r['logical_gbps']:>14.1f}")
+        print(f"{r['op']:<18}{r['backend']:<9}{r.get('mode', 'exact'):<7}{r['dtype']:<6}{sms:>5}{r['time_us']:>11.1f}"
+              f"{r['wire_gbps']:>11.1f}{r['logical_gbps']:>14.1f}")
 
 
 def main(argv=None):
@@ -136,6 +150,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--backends", nargs="*", default=None, help="default: every backend available here")
     p.add_argument("--num-sms", type=int, nargs="*", default=[2, 4, 8, 12, 16, 20, 24, 32])
+    p.add_argument("--modes", nargs="*", choices=["exact", "budget"], default=["exact", "budget"],
+                   help="kernel-backend dispatch sizing: exact (host sync) and/or budget (num_worst_tokens)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=RESULTS_DIR, help="directory for the results JSON")

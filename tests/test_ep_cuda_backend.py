@@ -41,7 +41,11 @@ def test_region_layout_fits_and_aligns():
 
     lay = _RegionLayout(8192, world=4, max_tokens=33, hidden=100, elem_cap=2, topk_cap=8)
     rows = 4 * 33
-    assert lay.x_offset == 8192 and lay.meta_offset % 16 == 0 and lay.combine_offset % 4096 == 0
+    # Arrival flags (one u64 per dispatch row, then per combine row) follow the signal area and
+    # are zeroed with it; the data regions start on the next 4 KiB.
+    assert lay.dispatch_flags_offset == 8192 and lay.combine_flags_offset == 8192 + rows * 8
+    assert lay.zero_bytes == lay.x_offset and lay.x_offset % 4096 == 0 and lay.x_offset >= 8192 + 2 * rows * 8
+    assert lay.meta_offset % 16 == 0 and lay.combine_offset % 4096 == 0
     assert lay.meta_offset - lay.x_offset == rows * 208          # 200-byte rows padded to 16
     assert lay.combine_offset >= lay.meta_offset + rows * 8 * 8
     assert lay.nbytes == lay.combine_offset + rows * 208

@@ -1,7 +1,10 @@
 """Triton kernels of the ``triton`` EP backend: NVLink dispatch and combine over symmetric memory.
 
-They speak the CUDA backend's protocol on the same buffer layout (csrc/kernels/intranode.cuh),
-so both backends share the buffer management, the counts exchange and the signal words:
+They speak the CUDA backend's ready handshake on the same buffer layout
+(csrc/kernels/intranode.cuh), so both backends share the buffer management, the counts exchange
+and the signal words. Sequence numbers come from the host here (the CUDA kernels keep theirs on
+the GPU; program 0 records each one there, so the CUDA counts exchange that follows agrees).
+Unlike the CUDA kernels, sending and receiving are two phases with a grid-wide barrier between:
 
 1. ready: program 0 publishes ``seq * 4 + kind`` into every peer's ready[me]; every program
    waits until every ready[r] reached it (a smaller value: the peer is behind; a different one:
@@ -41,10 +44,12 @@ except ImportError:  # pragma: no cover
 READY_OFFSET = tl.constexpr(0)     # int64 ready[MAX_RANKS], written by rank r at index r
 DONE_OFFSET = tl.constexpr(512)    # int64 done[MAX_RANKS], incremented by rank r's programs at index r
 ERROR_OFFSET = tl.constexpr(1024)  # int32 sticky error word (local only)
+OP_COUNT_OFFSET = tl.constexpr(1088)  # int64 last finished operation's sequence number (local only)
 MAX_RANKS = tl.constexpr(32)
 
 KIND_DISPATCH, KIND_COMBINE = tl.constexpr(1), tl.constexpr(2)
 READY_TIMEOUT, DATA_TIMEOUT, OP_MISMATCH = tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+BUDGET_EXCEEDED = tl.constexpr(4)
 FP8_BLOCK = tl.constexpr(128)
 _SPIN_NS = tl.constexpr(1000)  # interpreter: what one spin counts for against the timeout
 
@@ -108,6 +113,8 @@ def _start(peers_ptr, rank, W, seq, kind, timeout_ns, status_addr, USE_GLOBALTIM
         if tl.program_id(0) == 0:
             slots = (bases + READY_OFFSET + rank * 8).to(tl.pointer_type(tl.int64))
             tl.atomic_xchg(slots, tl.zeros_like(bases) + want, mask=rmask, sem="release", scope="sys")
+            # Only kernels launched after this one read it (stream order), so any time is fine.
+            tl.store((my_base + OP_COUNT_OFFSET).to(tl.pointer_type(tl.int64)), seq)
         flags = (my_base + READY_OFFSET + r.to(tl.int64) * 8).to(tl.pointer_type(tl.int64))
         v = _spin_until_all(flags, rmask, seq * 4, timeout_ns, USE_GLOBALTIMER)
         bad = rmask & (v != want)
@@ -169,12 +176,13 @@ def _send_rows(r, t, tmask, slot_ptr, send_row, bases, d, W, offset, stride_byte
     return _rows_ptr(base, offset, first + slot, stride_bytes, dtype, ALIGN), slot >= 0
 
 
-@triton.jit(do_not_specialize=["rank", "seq", "done_target", "num_tokens", "timeout_ns", "status_addr"])
+@triton.jit(do_not_specialize=["rank", "seq", "done_target", "num_tokens", "timeout_ns", "status_addr",
+                               "num_out_rows"])
 def ep_dispatch_kernel(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, matrix_ptr, peers_ptr,
                        recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr, recv_scales_ptr,
                        rank, W, max_tokens, seq, done_target, timeout_ns, status_addr,
                        num_tokens, hidden, topk, num_local_experts,
-                       x_offset, row_stride, meta_offset,
+                       x_offset, row_stride, meta_offset, num_out_rows,
                        FP8: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
     """One dispatch (see the module docstring); grid = (num_sms,)."""
@@ -190,6 +198,11 @@ def ep_dispatch_kernel(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, matrix_ptr, pe
     counts_sd = tl.load(matrix_ptr + s2 * W + r[None, :], mask=(s2 < rank) & rmask[None, :], other=0)
     send_row = tl.sum(counts_sd, axis=0).to(tl.int64)  # [MAX_RANKS], by destination
     num_recv = tl.sum(tl.load(matrix_ptr + r * W + rank, mask=rmask, other=0), axis=0)
+    if ok:
+        if pid == 0:
+            if num_recv > num_out_rows:  # more rows than the caller's budget: keep what fits, report
+                _record_failure(my_base, status_addr, BUDGET_EXCEEDED, num_recv, seq, KIND_DISPATCH)
+    num_recv = tl.minimum(num_recv, num_out_rows)
     out_ty: tl.constexpr = tl.float8e4nv if FP8 else x_ptr.dtype.element_ty
     cols0 = tl.arange(0, BLOCK_H)
     kk = tl.arange(0, BLOCK_K)

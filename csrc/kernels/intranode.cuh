@@ -3,29 +3,37 @@
 // Every rank owns one symmetric buffer that all peers can write (torch symmetric memory maps it
 // into every process). Its layout, in bytes from the buffer base:
 //
-//   [0, kSignalBytes)      signals: ready[r] (u64, written by rank r), done[r] (u64, atomically
-//                          incremented by rank r's blocks), a local sticky error word, a canary,
-//                          and the [W, W] int32 token-count matrix the notify step fills.
-//   dispatch region        rows of tokens this rank receives, in final receive order
+//   [0, kSignalBytes)      signals: ready[r] (u64, written by rank r), done[r] (u64, used by the
+//                          Triton kernels only), a local sticky error word, the local operation
+//                          counter, counts_flag[r], a canary, and the [W, W] int32 token-count
+//                          matrix the counts exchange fills.
+//   arrival flags          one u64 per dispatch row and one per combine row: the sequence number
+//                          of the operation that last delivered that row.
+//   dispatch region        rows of tokens this rank receives from peers, in final receive order
 //                          (source rank, then source token), then one metadata row per token
 //                          (k pairs {local expert id, fp32 weight}).
 //   combine region         one row per (source-rank r, slot s) at row r * max_tokens + s: the
 //                          partial result rank r computed for this rank's token in slot s.
 //
 // Protocol of every operation (notify = the counts exchange before a dispatch, dispatch,
-// combine: one kernel launch each, numbered by a per-buffer sequence number `seq` that all ranks
-// advance identically):
+// combine: one kernel launch each). Sequence numbers live on the GPU: a kernel takes
+// seq = op_count + 1 from its own buffer and its last block to finish stores op_count = seq, so
+// launches carry no per-call argument and a captured CUDA graph replays correctly.
 //   1. ready: block 0 publishes `seq * 4 + kind` into every peer's ready[me]; every block waits
-//      until ready[r] reaches that value for all r. A rank only runs kernel `seq` once its kernel
-//      `seq - 1` has finished reading its regions, so this is what makes buffer reuse safe.
-//   2. send: 16-byte (or narrower, for odd row sizes) stores straight into peers' regions.
-//   3. done: after __syncthreads, each block adds 1 to every peer's done[me] with release
-//      semantics; a receiver waits (acquire) until done[r] reaches done_target, the number of
-//      blocks all operations so far have launched (the host keeps that running sum).
-//   4. receive: copy out (dispatch) or reduce in fp32 (combine) from the local region.
-// Counters only grow, so back-to-back calls never need a reset. Every wait is bounded by a
-// %globaltimer deadline; a timeout writes {code, peer, seq, kind} to a host-mapped status word
-// and the kernel exits; later kernels see the sticky error word and exit at once.
+//      until ready[r] reaches at least seq * 4 for all r (a peer may already be one operation
+//      ahead). A rank only starts kernel `seq` once its kernel `seq - 1` has finished reading
+//      its regions, so no peer writes into a region before its owner is done with it.
+//   2. The warps of every block split into senders and receivers (`send_warps` of kWarps send),
+//      so receiving overlaps sending instead of following it.
+//      Senders: per token (dispatch) or per received row (combine), 16-byte stores straight into
+//      the peer's region, then, after __syncwarp, one release store of seq to that row's
+//      arrival flag. Rows for this rank itself skip the region: dispatch writes them straight
+//      into the outputs and combine reads them straight from y.
+//      Receivers: wait (acquire) for a row's flag to reach seq, then copy it out (dispatch) or
+//      sum a token's rows in fp32 in ascending rank order (combine).
+// Every wait is bounded by a %globaltimer deadline; a timeout writes {code, peer, seq, kind} to
+// a host-mapped status word and the block stops; later kernels see the sticky error word and
+// exit at once.
 #pragma once
 
 #include "common.cuh"
@@ -35,9 +43,14 @@ namespace intranode {
 
 constexpr int kMaxRanks = 32;            // one warp checks all peers' flags
 constexpr int kThreads = 512;            // 16 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kDefaultSendWarps = 8;     // of kWarps; the rest receive
 constexpr int64_t kReadyOffset = 0;      // u64 ready[kMaxRanks]
-constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks]
+constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks] (Triton kernels)
 constexpr int64_t kErrorOffset = 1024;   // int32 sticky error word (local only)
+constexpr int64_t kOpCountOffset = 1088; // u64 sequence number of the last finished operation (local only)
+constexpr int64_t kFinishedOffset = 1152;  // u32 blocks of the running operation that finished (local only)
+constexpr int64_t kCountsFlagOffset = 1536;  // u64 counts_flag[kMaxRanks]: rank r's counts row is here
 constexpr int64_t kCanaryOffset = 2048;  // u64 written by the owner at setup, read by peers
 constexpr int64_t kCountsOffset = 4096;  // int32 counts[kMaxRanks][kMaxRanks]: [source][destination]
 constexpr int64_t kSignalBytes = 8192;   // regions start here (keeps them 4 KiB aligned)
@@ -50,8 +63,10 @@ enum StatusWord : int { kStatusCode = 0, kStatusPeer = 1, kStatusSeq = 2, kStatu
 
 // Codes in kStatusCode (0 = ok). kReadyTimeout: a peer never started this operation;
 // kDataTimeout: a peer started but did not finish sending; kOpMismatch: a peer runs a
-// different operation kind under the same sequence number.
-enum ErrorCode : int { kNoError = 0, kReadyTimeout = 1, kDataTimeout = 2, kOpMismatch = 3 };
+// different operation kind under the same sequence number; kBudgetExceeded: a dispatch received
+// more rows than its outputs hold (the caller's worst-case budget; the peer field then holds
+// the rows that arrived).
+enum ErrorCode : int { kNoError = 0, kReadyTimeout = 1, kDataTimeout = 2, kOpMismatch = 3, kBudgetExceeded = 4 };
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // constexpr: device code calls it too (nvcc runs with --expt-relaxed-constexpr).
@@ -63,8 +78,6 @@ struct CommonParams {
   int num_ranks = 1;
   int num_blocks = 1;             // grid size: the SM budget; must be equal on every rank
   int64_t max_tokens = 0;         // rows per source rank in a region (EPBuffer.max_tokens_per_rank)
-  uint64_t seq = 0;               // this operation's sequence number (1-based)
-  uint64_t done_target = 0;       // blocks launched by operations 1..seq (each signals every rank once)
   uint64_t timeout_ns = 0;        // bound of every spin-wait
   const int64_t* peer_bases = nullptr;  // device [num_ranks]: each rank's buffer base, mapped here
   const int* count_matrix = nullptr;    // device [num_ranks, num_ranks]: tokens rank s sends to rank d
@@ -92,6 +105,9 @@ struct DispatchParams {
   int64_t x_region_offset = 0;         // dispatch rows: byte offset from a base
   int64_t x_row_stride = 0;            // bytes between rows there (a multiple of 16)
   int64_t meta_region_offset = 0;      // metadata rows (topk * 8 bytes each)
+  int64_t flag_region_offset = 0;      // u64 arrival flag per dispatch row
+  int send_warps = kDefaultSendWarps;  // warps per block that send; the others receive
+  int64_t num_out_rows = 0;            // rows the outputs hold (exact count, or the caller's budget)
   void* recv_x = nullptr;              // [num_recv, hidden] of dtype, or of e4m3 bytes when quantising
   float* recv_scales = nullptr;        // [num_recv, hidden / kFp8Block], or nullptr: no quantisation
   int64_t* recv_topk_idx = nullptr;    // [num_recv, topk] local ids, -1 elsewhere
@@ -108,13 +124,17 @@ struct CombineParams {
   int dtype = kBFloat16;
   int64_t region_offset = 0;           // combine rows: byte offset from a base
   int64_t row_stride = 0;              // bytes between rows (hidden * elem rounded up to 16)
+  int64_t flag_region_offset = 0;      // u64 arrival flag per combine row
+  int send_warps = kDefaultSendWarps;  // warps per block that send rows back; the others reduce
   void* out = nullptr;                 // [num_tokens, hidden] in dtype
 };
 
 inline bool common_params_ok(const CommonParams& c) {
   return c.num_ranks >= 1 && c.num_ranks <= kMaxRanks && c.rank >= 0 && c.rank < c.num_ranks && c.num_blocks >= 1 &&
-         c.max_tokens >= 0 && c.seq >= 1 && c.done_target >= static_cast<uint64_t>(c.num_blocks) &&
-         c.peer_bases != nullptr && c.status_host != nullptr;
+         c.max_tokens >= 0 && c.timeout_ns > 0 && c.peer_bases != nullptr && c.status_host != nullptr;
+}
+
+inline bool send_warps_ok(int send_warps) { return send_warps >= 1 && send_warps < kWarps;
 }
 
 // Both return kOk, kBadArgument (sizes/pointers the kernels do not support) or kLaunchFailed.
@@ -122,8 +142,8 @@ int launch_dispatch(const DispatchParams& p, cudaStream_t stream);
 int launch_combine(const CombineParams& p, cudaStream_t stream);
 
 // Counts exchange before a dispatch (one block): every rank publishes send_counts [num_ranks]
-// (tokens it sends to each rank) to every peer; out [num_ranks, num_ranks] receives the full
-// matrix, row = source. Uses c.num_blocks == 1.
+// (tokens it sends to each rank) into every peer's counts matrix, then raises counts_flag[me]
+// there; out [num_ranks, num_ranks] receives the full matrix, row = source. c.num_blocks == 1.
 int launch_notify(const CommonParams& c, const int* send_counts, int* out, cudaStream_t stream);
 
 // Reads the u64 at peer_bases[r] + offset for every r into out[r] (setup check of the mapping).

@@ -1,7 +1,8 @@
-// Intranode combine: each received row goes back, once, to the rank that sent the token, at
-// row (this rank, slot) of that rank's combine region; then every rank sums, in fp32 and in
-// ascending rank order, the rows its tokens got back and writes them in the input dtype.
-// Protocol and buffer layout: intranode.cuh.
+// Intranode combine: sender warps return each row received from a peer, once, to that peer, at
+// row (this rank, slot) of its combine region, and raise the row's arrival flag; reducer warps
+// of the same blocks sum, in fp32 and in ascending rank order, the rows each of this rank's
+// tokens got back (its own rank's row straight from y) as their flags come up, and write them
+// in the input dtype. Protocol and buffer layout: intranode.cuh.
 #include "intranode_device.cuh"
 
 namespace overlap {
@@ -12,44 +13,56 @@ using namespace dev;
 
 constexpr int kReduceUnroll = 4;  // vectors per lane accumulated at once (fp32 registers)
 
+template <typename V>
+__device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
+                          int64_t most_from_a_peer, int lane) {
+  const CommonParams& c = p.c;
+  const int W = c.num_ranks;
+  const int64_t n_vec = p.hidden * dtype_size(p.dtype) / static_cast<int64_t>(sizeof(V));
+  const V* y = static_cast<const V*>(p.y);
+  const RoleWarps rw = role_warps(0, p.send_warps);
+  for (int64_t w = rw.index; w < W * most_from_a_peer; w += rw.count) {
+    const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
+    if (i < 0) continue;
+    const int src = static_cast<int>(w % W);
+    const int64_t row = c.rank * c.max_tokens + (i - s_recv_start[src]);
+    const int64_t dst = s_peer[src] + p.region_offset + row * p.row_stride;
+    warp_copy_row<V, true>(y + i * n_vec, dst, 1u, n_vec, lane);
+    __syncwarp();  // every lane's stores of this row come before the flag
+    if (lane == 0) st_release_sys(reinterpret_cast<uint64_t*>(s_peer[src] + p.flag_region_offset) + row, seq);
+  }
+}
+
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParams p) {
+__device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_base, const int64_t* s_recv_start,
+                              int lane) {
   using V = typename VecOf<kVec>::type;
   using P = Packed<T, kVec>;
   const CommonParams& c = p.c;
-  __shared__ int64_t s_peer[kMaxRanks];
-  __shared__ int64_t s_recv_start[kMaxRanks + 1];
-  __shared__ int s_flag;
-
-  const int tid = threadIdx.x, lane = tid & 31;
-  const int W = c.num_ranks;
-  load_peers_and_recv_starts(c, s_peer, s_recv_start);
-  __syncthreads();
-  const int64_t my_base = s_peer[c.rank];
-  if (block_sees_sticky_error(my_base, &s_flag)) return;
-  if (!ready_handshake(c, s_peer, kCombine, &s_flag)) return;
-
-  // ---- send back: received row i came from rank src, slot i - start[src].
-  const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
-  const int64_t n_vec = row_bytes / kVec;
-  const int64_t num_recv = s_recv_start[W];
-  const char* y = static_cast<const char*>(p.y);
-  for (int64_t i = global_warp(); i < num_recv; i += num_global_warps()) {
-    // The last source whose rows start at or before i (empty sources share the next start).
-    const unsigned at_or_before = __ballot_sync(0xffffffffu, lane < W && s_recv_start[lane] <= i);
-    const int src = 31 - __clz(at_or_before);
-    const int64_t slot = i - s_recv_start[src];
-    const int64_t dst = s_peer[src] + p.region_offset + (c.rank * c.max_tokens + slot) * p.row_stride;
-    warp_copy_row<V, true>(reinterpret_cast<const V*>(y + i * row_bytes), dst, 1u, n_vec, lane);
-  }
-  signal_done(c, s_peer);
-  if (!wait_all_done(c, s_peer, kCombine, &s_flag)) return;
-
-  // ---- reduce: token t's rows sit at (r * max_tokens + slot[t, r]) for each rank r it went to.
+  const int W = c.num_ranks, me = c.rank;
+  const int64_t n_vec = p.hidden * static_cast<int64_t>(sizeof(T)) / kVec;
+  const V* y = static_cast<const V*>(p.y);
+  const uint64_t* flags = reinterpret_cast<const uint64_t*>(my_base + p.flag_region_offset);
   V* out = static_cast<V*>(p.out);
-  for (int64_t t = global_warp(); t < p.num_tokens; t += num_global_warps()) {
+  const RoleWarps rw = role_warps(p.send_warps, kWarps - p.send_warps);
+  // Token t's rows sit at (r * max_tokens + slot[t, r]) for each peer r it went to; its own
+  // rank's row is y's row (recv_start[me] + slot[t, me]).
+  for (int64_t t = rw.index; t < p.num_tokens; t += rw.count) {
     const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
     const unsigned src_lanes = __ballot_sync(0xffffffffu, slot >= 0);
+    for (unsigned m = src_lanes & ~(1u << me); m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
+      if (!__all_sync(0xffffffffu, wait_at_least(flags + r * c.max_tokens + r_slot, seq, c.timeout_ns))) {
+        if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, r, kCombine);
+        return;
+      }
+    }
+    auto row_of = [&](int r) -> const V* {
+      const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
+      if (r == me) return y + (s_recv_start[me] + r_slot) * n_vec;
+      return reinterpret_cast<const V*>(my_base + p.region_offset + (r * c.max_tokens + r_slot) * p.row_stride);
+    };
     for (int64_t base = 0; base < n_vec; base += 32 * kReduceUnroll) {
       float acc[kReduceUnroll][P::kElems];
 #pragma unroll
@@ -64,9 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParam
         const bool two = m != 0;
         const int r1 = two ? __ffs(m) - 1 : r0;
         if (two) m &= m - 1;
-        const int64_t slot0 = __shfl_sync(0xffffffffu, slot, r0), slot1 = __shfl_sync(0xffffffffu, slot, r1);
-        const V* row0 = reinterpret_cast<const V*>(my_base + p.region_offset + (r0 * c.max_tokens + slot0) * p.row_stride);
-        const V* row1 = reinterpret_cast<const V*>(my_base + p.region_offset + (r1 * c.max_tokens + slot1) * p.row_stride);
+        const V* row0 = row_of(r0);
+        const V* row1 = row_of(r1);
         P in0[kReduceUnroll], in1[kReduceUnroll];
 #pragma unroll
         for (int u = 0; u < kReduceUnroll; ++u) {
@@ -105,6 +117,31 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParam
   }
 }
 
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParams p) {
+  using V = typename VecOf<kVec>::type;
+  const CommonParams& c = p.c;
+  __shared__ int64_t s_peer[kMaxRanks];
+  __shared__ int64_t s_recv_start[kMaxRanks + 1];
+  __shared__ int64_t s_most_from_a_peer;
+  __shared__ uint64_t s_seq;
+  __shared__ int s_flag;
+
+  load_peers_and_recv_starts(c, s_peer, s_recv_start, &s_most_from_a_peer);
+  __syncthreads();
+  const int64_t my_base = s_peer[c.rank];
+  const uint64_t seq = begin_operation(my_base, &s_seq);
+  if (block_sees_sticky_error(my_base, &s_flag)) return;
+  if (!ready_handshake(c, s_peer, seq, kCombine, &s_flag)) return;
+  const int lane = threadIdx.x & 31;
+  if ((threadIdx.x >> 5) < p.send_warps) {
+    send_back<V>(p, seq, s_peer, s_recv_start, s_most_from_a_peer, lane);
+  } else {
+    reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, lane);
+  }
+  end_operation(my_base, seq);
+}
+
 template <typename T>
 int launch_typed(const CombineParams& p, cudaStream_t stream) {
   const int64_t row_bytes = p.hidden * static_cast<int64_t>(sizeof(T));
@@ -132,7 +169,7 @@ int launch_combine(const CombineParams& p, cudaStream_t stream) {
   const CommonParams& c = p.c;
   if (!common_params_ok(c) || c.count_matrix == nullptr ||
       p.num_tokens < 0 || p.num_tokens > c.max_tokens || p.hidden < 1 || p.row_stride % 16 != 0 ||
-      p.region_offset % 16 != 0) {
+      p.region_offset % 16 != 0 || p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps)) {
     return kBadArgument;
   }
   switch (p.dtype) {

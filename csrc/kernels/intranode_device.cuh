@@ -1,5 +1,5 @@
 // Device-side pieces shared by the intranode dispatch and combine kernels: memory-model
-// primitives, bounded waits, the ready/done handshake and vectorised row copies.
+// primitives, bounded waits, the ready handshake, operation numbering and vectorised row copies.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,10 +28,6 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
-  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 __device__ __forceinline__ int ld_volatile(const int* p) {
   return *reinterpret_cast<const volatile int*>(p);
 }
@@ -56,16 +52,40 @@ __device__ __forceinline__ uint64_t* signal_word(int64_t base, int64_t offset, i
 
 // Records the first failure on this GPU: the local sticky word picks one winner, which then
 // fills the host-mapped status (plain volatile stores; the host reads it after the kernel).
-__device__ __forceinline__ void record_failure(const CommonParams& c, int64_t my_base, int code, int peer, int kind) {
+__device__ __forceinline__ void record_failure(const CommonParams& c, int64_t my_base, uint64_t seq, int code, int peer,
+                                               int kind) {
   int* sticky = reinterpret_cast<int*>(my_base + kErrorOffset);
   if (atomicCAS(sticky, 0, code) == 0) {
     volatile int* s = c.status_host;
     s[kStatusPeer] = peer;
-    s[kStatusSeq] = static_cast<int>(c.seq);
+    s[kStatusSeq] = static_cast<int>(seq);
     s[kStatusKind] = kind;
     __threadfence_system();
     s[kStatusCode] = code;  // last: the host treats a nonzero code as "the rest is valid"
     __threadfence_system();
+  }
+}
+
+// Called by every thread at kernel start: this operation's sequence number (one more than the
+// last finished operation's; every block reads it before the last block can finish and bump it).
+__device__ __forceinline__ uint64_t begin_operation(int64_t my_base, uint64_t* s_seq) {
+  if (threadIdx.x == 0) *s_seq = *reinterpret_cast<const volatile uint64_t*>(my_base + kOpCountOffset) + 1;
+  __syncthreads();
+  return *s_seq;
+}
+
+// Called by every thread of every block that did not fail: the last block to get here records
+// seq as finished. The next kernel on the stream starts after this one, so it reads seq.
+__device__ __forceinline__ void end_operation(int64_t my_base, uint64_t seq) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* finished = reinterpret_cast<unsigned*>(my_base + kFinishedOffset);
+    __threadfence();
+    if (atomicAdd(finished, 1u) == gridDim.x - 1) {
+      *reinterpret_cast<volatile unsigned*>(finished) = 0;
+      *reinterpret_cast<volatile uint64_t*>(my_base + kOpCountOffset) = seq;
+      __threadfence();
+    }
   }
 }
 
@@ -77,57 +97,35 @@ __device__ __forceinline__ bool block_sees_sticky_error(int64_t my_base, int* s_
   return *s_flag != 0;
 }
 
+// Spins (acquire) until *flag >= want; false once `timeout_ns` passed. Every lane of a warp may
+// call it on the same flag: each then has its own acquire covering its later loads.
+__device__ __forceinline__ bool wait_at_least(const uint64_t* flag, uint64_t want, uint64_t timeout_ns) {
+  if (ld_acquire_sys(flag) >= want) return true;
+  const uint64_t deadline = global_timer_ns() + timeout_ns;
+  while (ld_acquire_sys(flag) < want) {
+    if (global_timer_ns() > deadline) return false;
+  }
+  return true;
+}
+
 // Phase 1. Block 0 tells every peer "this rank has started operation seq (so it is done with
-// its regions for every earlier one)"; then each block waits until all peers said the same.
+// its regions for every earlier one)"; then each block waits until all peers said the same or
+// more (a peer whose part of this operation needed nothing from this block may have moved on).
 // Returns false (after recording the failure) on timeout or operation mismatch. Timeouts count
 // from the start of each wait, so long transfers before it never eat into the bound.
-__device__ inline bool ready_handshake(const CommonParams& c, const int64_t* s_peer, int kind, int* s_fail) {
-  const uint64_t want = c.seq * 4 + static_cast<uint64_t>(kind);
+__device__ inline bool ready_handshake(const CommonParams& c, const int64_t* s_peer, uint64_t seq, int kind,
+                                       int* s_fail) {
+  const uint64_t want = seq * 4 + static_cast<uint64_t>(kind);
   const int tid = threadIdx.x;
   if (blockIdx.x == 0 && tid < c.num_ranks) st_release_sys(signal_word(s_peer[tid], kReadyOffset, c.rank), want);
   if (tid == 0) *s_fail = 0;
   __syncthreads();
   if (tid < c.num_ranks) {
     const uint64_t* flag = signal_word(s_peer[c.rank], kReadyOffset, tid);
-    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
-    uint64_t v = ld_acquire_sys(flag);
-    while (v < c.seq * 4) {  // a peer still in an earlier operation
-      if (global_timer_ns() > deadline) break;
-      v = ld_acquire_sys(flag);
-    }
-    if (v != want) {
-      record_failure(c, s_peer[c.rank], v < c.seq * 4 ? kReadyTimeout : kOpMismatch, tid, kind);
-      atomicExch(s_fail, 1);
-    }
-  }
-  __syncthreads();
-  return *s_fail == 0;
-}
-
-// Phase 3. All of this block's stores are issued (the barrier), then one release-add per peer.
-__device__ __forceinline__ void signal_done(const CommonParams& c, const int64_t* s_peer) {
-  __syncthreads();
-  if (threadIdx.x < c.num_ranks) red_add_release_sys(signal_word(s_peer[threadIdx.x], kDoneOffset, c.rank), 1);
-}
-
-// Phase 4 wait: every block of every peer has signalled done for this operation.
-__device__ inline bool wait_all_done(const CommonParams& c, const int64_t* s_peer, int kind, int* s_fail) {
-  const uint64_t want = c.done_target;
-  const int tid = threadIdx.x;
-  if (tid == 0) *s_fail = 0;
-  __syncthreads();
-  if (tid < c.num_ranks) {
-    const uint64_t* flag = signal_word(s_peer[c.rank], kDoneOffset, tid);
-    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
-    bool ok = true;
-    while (ld_acquire_sys(flag) < want) {
-      if (global_timer_ns() > deadline) {
-        ok = false;
-        break;
-      }
-    }
-    if (!ok) {
-      record_failure(c, s_peer[c.rank], kDataTimeout, tid, kind);
+    const bool arrived = wait_at_least(flag, seq * 4, c.timeout_ns);
+    const uint64_t v = ld_acquire_sys(flag);
+    if (!arrived || (v >> 2) == seq && v != want) {
+      record_failure(c, s_peer[c.rank], seq, arrived ? kOpMismatch : kReadyTimeout, tid, kind);
       atomicExch(s_fail, 1);
     }
   }
@@ -163,23 +161,50 @@ __device__ __forceinline__ void warp_copy_row(const V* src, int64_t lane_addr, u
   }
 }
 
-// The global warp index and count of this launch (work is strided over all warps of the grid).
-__device__ __forceinline__ int64_t global_warp() { return static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5); }
-__device__ __forceinline__ int64_t num_global_warps() { return static_cast<int64_t>(gridDim.x) * (kThreads / 32); }
-
 // Loads the peer bases and the per-source receive row ranges (exclusive prefix over the count
-// matrix column of this rank) into shared memory. Call from every thread, then __syncthreads.
-__device__ __forceinline__ void load_peers_and_recv_starts(const CommonParams& c, int64_t* s_peer, int64_t* s_recv_start) {
+// matrix column of this rank) into shared memory, and the most rows any one peer sends here.
+// Call from every thread, then __syncthreads.
+__device__ __forceinline__ void load_peers_and_recv_starts(const CommonParams& c, int64_t* s_peer, int64_t* s_recv_start,
+                                                           int64_t* s_most_from_a_peer) {
   const int tid = threadIdx.x;
   if (tid < c.num_ranks) s_peer[tid] = c.peer_bases[tid];
   if (tid == 0) {
-    int64_t acc = 0;
+    int64_t acc = 0, most = 0;
     for (int s = 0; s < c.num_ranks; ++s) {
+      const int64_t n = c.count_matrix[s * c.num_ranks + c.rank];
       s_recv_start[s] = acc;
-      acc += c.count_matrix[s * c.num_ranks + c.rank];
+      acc += n;
+      if (s != c.rank && n > most) most = n;
     }
     s_recv_start[c.num_ranks] = acc;
+    *s_most_from_a_peer = most;
   }
+}
+
+// Rows from peers are visited source-interleaved (item w: source w % W, its row w / W) so that
+// receivers follow all senders at once instead of waiting on one source's rows at a time.
+// Returns the row index in [0, R) for item w, or -1 if it names no row from a peer.
+__device__ __forceinline__ int64_t interleaved_row(int64_t w, int W, int me, const int64_t* s_recv_start) {
+  const int s = static_cast<int>(w % W);
+  const int64_t q = w / W;
+  if (s == me || q >= s_recv_start[s + 1] - s_recv_start[s]) return -1;
+  return s_recv_start[s] + q;
+}
+
+// The source rank of received row i (the last source whose rows start at or before i; empty
+// sources share the next start). Warp-collective.
+__device__ __forceinline__ int source_of_row(int64_t i, int W, const int64_t* s_recv_start, int lane) {
+  const unsigned at_or_before = __ballot_sync(0xffffffffu, lane < W && s_recv_start[lane] <= i);
+  return 31 - __clz(at_or_before);
+}
+
+// This warp's index among the warps of its role in the grid, and how many there are.
+struct RoleWarps {
+  int64_t index, count;
+};
+__device__ __forceinline__ RoleWarps role_warps(int first_warp, int warps_per_block) {
+  return {static_cast<int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5) - first_warp,
+          static_cast<int64_t>(gridDim.x) * warps_per_block};
 }
 
 // ------------------------------------------------------------------------------------------ element types

@@ -1,7 +1,8 @@
-// Intranode dispatch: each warp takes one token row, reads it once and stores it (plus its
-// routing metadata) into the region of every rank that hosts one of its experts, at the row the
-// receiver will hand out. Then every block copies its share of the rows it received out of the
-// local region. Protocol and buffer layout: intranode.cuh.
+// Intranode dispatch: sender warps take one token row each, read it once and store it (plus its
+// routing metadata) into the region of every peer that hosts one of its experts, at the row
+// the receiver will hand out, then raise that row's arrival flag; the row for this rank itself
+// goes straight into the outputs. Receiver warps of the same blocks copy peers' rows out of the
+// local region as their flags come up. Protocol and buffer layout: intranode.cuh.
 //
 // How a row travels is a codec: PlainRows copies the bytes; Fp8Rows quantises to e4m3 with one
 // fp32 scale per 128 channels while sending (the cast is fused into the send, so the wire
@@ -25,11 +26,17 @@ struct PlainRows {
   static __device__ __forceinline__ int64_t row_bytes(const DispatchParams& p) {
     return p.hidden * dtype_size(p.dtype);
   }
-  static __device__ __forceinline__ void send(const DispatchParams& p, int64_t t, int64_t lane_addr,
+  // Where output row i starts: {data, scales} (no scales for plain rows).
+  static __device__ __forceinline__ int64_t out_data(const DispatchParams& p, int64_t i) {
+    return reinterpret_cast<int64_t>(static_cast<char*>(p.recv_x) + i * row_bytes(p));
+  }
+  static __device__ __forceinline__ int64_t out_scales(const DispatchParams& p, int64_t i) { return 0; }
+  // lane r holds destination r's row address in data_addr (scale_addr is unused here).
+  static __device__ __forceinline__ void send(const DispatchParams& p, int64_t t, int64_t data_addr, int64_t scale_addr,
                                               unsigned dst_lanes, int lane) {
     const int64_t bytes = row_bytes(p);
     const V* src = reinterpret_cast<const V*>(static_cast<const char*>(p.x) + t * bytes);
-    warp_copy_row<V, true>(src, lane_addr, dst_lanes, bytes / kVec, lane);
+    warp_copy_row<V, true>(src, data_addr, dst_lanes, bytes / kVec, lane);
   }
   static __device__ __forceinline__ void receive(const DispatchParams& p, int64_t i, int64_t region_row, int lane) {
     const int64_t bytes = row_bytes(p);
@@ -45,7 +52,15 @@ struct Fp8Rows {
   using Q = typename VecOf<kElems>::type;                           // kElems e4m3 bytes
   static_assert(kGroupLanes == 16 || kGroupLanes == 32, "a scale block must span whole half-warps");
 
-  static __device__ __forceinline__ void send(const DispatchParams& p, int64_t t, int64_t lane_addr,
+  static __device__ __forceinline__ int64_t out_data(const DispatchParams& p, int64_t i) {
+    return reinterpret_cast<int64_t>(static_cast<char*>(p.recv_x) + i * p.hidden);
+  }
+  static __device__ __forceinline__ int64_t out_scales(const DispatchParams& p, int64_t i) {
+    return reinterpret_cast<int64_t>(p.recv_scales + i * (p.hidden / kFp8Block));
+  }
+  // lane r holds destination r's addresses: the e4m3 bytes in data_addr, the scales in
+  // scale_addr (right after the bytes in a region row; recv_scales for this rank's own rows).
+  static __device__ __forceinline__ void send(const DispatchParams& p, int64_t t, int64_t data_addr, int64_t scale_addr,
                                               unsigned dst_lanes, int lane) {
     const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + t * p.hidden * sizeof(T));
     const int64_t n_vec = p.hidden / kElems;  // a multiple of kGroupLanes: blocks never straddle
@@ -80,8 +95,8 @@ struct Fp8Rows {
         }
       }
       for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
-        char* row = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, lane_addr, __ffs(m) - 1));
-        float* scales = reinterpret_cast<float*>(row + p.hidden);
+        char* row = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, data_addr, __ffs(m) - 1));
+        float* scales = reinterpret_cast<float*>(__shfl_sync(0xffffffffu, scale_addr, __ffs(m) - 1));
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t i = base + u * 32 + lane;
@@ -102,18 +117,100 @@ struct Fp8Rows {
   }
 };
 
+// This token's routing metadata for destination r: {local expert id or -1, weight bits} per k.
+__device__ __forceinline__ int2 meta_entry(const DispatchParams& p, int64_t t, int j, int r) {
+  const int64_t e = p.topk_idx[t * p.topk + j];
+  const int64_t local = e - static_cast<int64_t>(r) * p.num_local_experts;
+  const bool here = e >= 0 && local >= 0 && local < p.num_local_experts;
+  return make_int2(here ? static_cast<int>(local) : -1, here ? __float_as_int(p.topk_weights[t * p.topk + j]) : 0);
+}
+
+// Output row i's metadata, and its (token, local expert) pairs counted into s_hist.
+__device__ __forceinline__ void write_out_meta(const DispatchParams& p, int64_t i, int j, int2 m, int* s_hist) {
+  p.recv_topk_idx[i * p.topk + j] = m.x;
+  p.recv_topk_weights[i * p.topk + j] = __int_as_float(m.y);
+  if (m.x >= 0) atomicAdd(&s_hist[m.x], 1);
+}
+
+template <class Rows>
+__device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
+                            const int64_t* s_send_row, int* s_hist, int lane) {
+  const CommonParams& c = p.c;
+  const int W = c.num_ranks, me = c.rank, k = p.topk;
+  const RoleWarps rw = role_warps(0, p.send_warps);
+  for (int64_t t = rw.index; t < p.num_tokens; t += rw.count) {
+    const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
+    // Lane r: destination r's addresses. This rank's own row goes straight to the outputs
+    // (unless it is past the budget: the overflow is reported by the receive side).
+    int64_t data_addr = 0, scale_addr = 0, flag_addr = 0, own_row = -1;
+    bool sends = slot >= 0;
+    if (sends && lane == me) {
+      own_row = s_recv_start[me] + slot;
+      sends = own_row < p.num_out_rows;
+      data_addr = Rows::out_data(p, own_row);
+      scale_addr = Rows::out_scales(p, own_row);
+    } else if (sends) {
+      const int64_t row = s_send_row[lane] + slot;
+      data_addr = s_peer[lane] + p.x_region_offset + row * p.x_row_stride;
+      scale_addr = data_addr + p.hidden;
+      flag_addr = s_peer[lane] + p.flag_region_offset + row * 8;
+    }
+    const unsigned dst_lanes = __ballot_sync(0xffffffffu, sends);
+    if (dst_lanes == 0) continue;  // a token with no expert goes nowhere
+    // Metadata first (tiny), so its stores overlap with the row loads below.
+    for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int64_t r_row = __shfl_sync(0xffffffffu, r == me ? own_row : s_send_row[r] + slot, r);
+      for (int j = lane; j < k; j += 32) {
+        const int2 e = meta_entry(p, t, j, r);
+        if (r == me) {
+          write_out_meta(p, r_row, j, e, s_hist);
+        } else {
+          reinterpret_cast<int2*>(s_peer[r] + p.meta_region_offset)[r_row * k + j] = e;
+        }
+      }
+    }
+    Rows::send(p, t, data_addr, scale_addr, dst_lanes, lane);
+    __syncwarp();  // every lane's stores of this row come before the flag
+    if (flag_addr != 0) st_release_sys(reinterpret_cast<uint64_t*>(flag_addr), seq);
+  }
+}
+
+template <class Rows>
+__device__ void receive_rows(const DispatchParams& p, uint64_t seq, int64_t my_base, const int64_t* s_recv_start,
+                             int64_t most_from_a_peer, int* s_hist, int lane) {
+  const CommonParams& c = p.c;
+  const int W = c.num_ranks, k = p.topk;
+  const RoleWarps rw = role_warps(p.send_warps, kWarps - p.send_warps);
+  const int2* meta = reinterpret_cast<const int2*>(my_base + p.meta_region_offset);
+  const uint64_t* flags = reinterpret_cast<const uint64_t*>(my_base + p.flag_region_offset);
+  for (int64_t w = rw.index; w < W * most_from_a_peer; w += rw.count) {
+    const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
+    if (i < 0 || i >= p.num_out_rows) continue;
+    if (!__all_sync(0xffffffffu, wait_at_least(flags + i, seq, c.timeout_ns))) {
+      const int src = source_of_row(i, W, s_recv_start, lane);
+      if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, src, kDispatch);
+      return;
+    }
+    Rows::receive(p, i, my_base + p.x_region_offset + i * p.x_row_stride, lane);
+    for (int j = lane; j < k; j += 32) write_out_meta(p, i, j, ld_coherent(meta + i * k + j), s_hist);
+  }
+}
+
 template <class Rows>
 __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchParams p) {
   const CommonParams& c = p.c;
   __shared__ int64_t s_peer[kMaxRanks];
   __shared__ int64_t s_recv_start[kMaxRanks + 1];
   __shared__ int64_t s_send_row[kMaxRanks];  // first row of this rank's tokens in each destination
+  __shared__ int64_t s_most_from_a_peer;
+  __shared__ uint64_t s_seq;
   __shared__ int s_flag;
   extern __shared__ int s_hist[];  // received (token, local expert) pairs per local expert
 
   const int tid = threadIdx.x, lane = tid & 31;
-  const int W = c.num_ranks, k = p.topk, epl = p.num_local_experts;
-  load_peers_and_recv_starts(c, s_peer, s_recv_start);
+  const int W = c.num_ranks, epl = p.num_local_experts;
+  load_peers_and_recv_starts(c, s_peer, s_recv_start, &s_most_from_a_peer);
   if (tid < W) {
     int64_t row = 0;
     for (int s = 0; s < c.rank; ++s) row += c.count_matrix[s * W + tid];
@@ -122,49 +219,23 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
   for (int e = tid; e < epl; e += kThreads) s_hist[e] = 0;
   __syncthreads();
   const int64_t my_base = s_peer[c.rank];
+  const uint64_t seq = begin_operation(my_base, &s_seq);
   if (block_sees_sticky_error(my_base, &s_flag)) return;
-  if (!ready_handshake(c, s_peer, kDispatch, &s_flag)) return;
-
-  // ---- send: warp per token, one read of the row, one store per destination rank.
-  for (int64_t t = global_warp(); t < p.num_tokens; t += num_global_warps()) {
-    const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
-    const unsigned dst_lanes = __ballot_sync(0xffffffffu, slot >= 0);
-    if (dst_lanes == 0) continue;  // a token with no expert goes nowhere
-    int64_t row_addr = 0;
-    if (slot >= 0) row_addr = s_peer[lane] + p.x_region_offset + (s_send_row[lane] + slot) * p.x_row_stride;
-    // Metadata first (tiny), so its stores overlap with the row loads below.
-    for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int r_slot = __shfl_sync(0xffffffffu, slot, r);
-      int2* meta = reinterpret_cast<int2*>(s_peer[r] + p.meta_region_offset) + (s_send_row[r] + r_slot) * k;
-      for (int j = lane; j < k; j += 32) {
-        const int64_t e = p.topk_idx[t * k + j];
-        const int64_t local = e - static_cast<int64_t>(r) * epl;
-        const bool here = e >= 0 && local >= 0 && local < epl;
-        meta[j] = make_int2(here ? static_cast<int>(local) : -1, here ? __float_as_int(p.topk_weights[t * k + j]) : 0);
-      }
-    }
-    Rows::send(p, t, row_addr, dst_lanes, lane);
+  if (!ready_handshake(c, s_peer, seq, kDispatch, &s_flag)) return;
+  if (blockIdx.x == 0 && tid == 0 && s_recv_start[W] > p.num_out_rows) {
+    record_failure(c, my_base, seq, kBudgetExceeded, static_cast<int>(s_recv_start[W]), kDispatch);
   }
-  signal_done(c, s_peer);
-  if (!wait_all_done(c, s_peer, kDispatch, &s_flag)) return;
 
-  // ---- receive: rows [0, R) of the local region are already in final order; copy them out.
-  const int64_t num_recv = s_recv_start[W];
-  const int2* meta = reinterpret_cast<const int2*>(my_base + p.meta_region_offset);
-  for (int64_t i = global_warp(); i < num_recv; i += num_global_warps()) {
-    Rows::receive(p, i, my_base + p.x_region_offset + i * p.x_row_stride, lane);
-    for (int j = lane; j < k; j += 32) {
-      const int2 mj = ld_coherent(meta + i * k + j);
-      p.recv_topk_idx[i * k + j] = mj.x;
-      p.recv_topk_weights[i * k + j] = __int_as_float(mj.y);
-      if (mj.x >= 0) atomicAdd(&s_hist[mj.x], 1);
-    }
+  if ((tid >> 5) < p.send_warps) {
+    send_tokens<Rows>(p, seq, s_peer, s_recv_start, s_send_row, s_hist, lane);
+  } else {
+    receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, lane);
   }
   __syncthreads();
   for (int e = tid; e < epl; e += kThreads) {
     if (s_hist[e] != 0) atomicAdd(&p.recv_expert_counts[e], s_hist[e]);
   }
+  end_operation(my_base, seq);
 }
 
 template <class Rows>
@@ -182,6 +253,7 @@ int launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   if (!common_params_ok(p.c) || p.c.count_matrix == nullptr || p.topk < 1 || p.num_local_experts < 1 ||
       p.num_local_experts > kMaxSharedExperts || p.num_tokens < 0 || p.num_tokens > p.c.max_tokens || p.hidden < 1 ||
       p.x_row_stride % 16 != 0 || p.x_region_offset % 16 != 0 || p.meta_region_offset % 8 != 0 ||
+      p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps) || p.num_out_rows < 0 ||
       (p.dtype != kFloat32 && p.dtype != kBFloat16 && p.dtype != kFloat16)) {
     return kBadArgument;
   }

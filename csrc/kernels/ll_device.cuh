@@ -24,8 +24,7 @@ __device__ __forceinline__ uint64_t* word(int64_t base, int64_t offset) {
 __device__ __forceinline__ void fail(const Common& c, int code, int peer, int status_kind, uint64_t seq) {
   intranode::CommonParams ip;
   ip.status_host = c.status_host;
-  ip.seq = seq;
-  idev::record_failure(ip, c.my_base, code, peer, status_kind);
+  idev::record_failure(ip, c.my_base, seq, code, peer, status_kind);
 }
 
 // Every thread: true when an earlier failure on this GPU left the peers out of step.

@@ -99,22 +99,31 @@ class EPBuffer:
         return routing_layout(topk_idx, self.num_experts, self.world_size)
 
     # ----------------------------------------------------------------------------- dispatch
-    def _dispatch(self, x, topk_idx, topk_weights, async_op):
+    def _dispatch(self, x, topk_idx, topk_weights, async_op, num_worst_tokens):
         validation.check_dispatch_inputs(x, topk_idx, topk_weights, hidden=self.hidden,
                                          num_experts=self.num_experts,
                                          max_tokens_per_rank=self.max_tokens_per_rank,
                                          device=self.device, check_values=self.validate_values)
+        validation.check_num_worst_tokens(num_worst_tokens)
         layout = self._routing_layout(topk_idx)
         return self._backend.dispatch(x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(),
-                                      layout, async_op=async_op)
+                                      layout, async_op=async_op, num_worst_tokens=num_worst_tokens)
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                 num_worst_tokens: Optional[int] = None):
         """Send each token to every rank hosting one of its experts.
 
         Args:
             x: ``[T, hidden]`` bf16/fp16/fp32 tokens, ``T <= max_tokens_per_rank``.
             topk_idx: ``[T, k]`` int64/int32 global expert ids, -1 for an empty slot.
             topk_weights: ``[T, k]`` routing weights (kept in float32).
+            num_worst_tokens: size the outputs by this budget instead of the rows that arrive
+                (``world_size * max_tokens_per_rank`` always suffices). The host then never
+                waits for the counts: on backend ``cuda`` the dispatch can be captured in a
+                CUDA graph. Rows past the received ones have ids -1 and weights 0; combine
+                takes ``y`` with the same number of rows. A budget that proves too small
+                raises (at once on ``torch``, at the next call or wait on ``cuda``/``triton``,
+                after which the buffer is unusable).
 
         Returns:
             ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle)``:
@@ -123,19 +132,20 @@ class EPBuffer:
             [R, k]`` float32 (0 where the id is -1); ``num_recv_tokens_per_expert [E/W]`` int32;
             ``handle`` for :meth:`combine`.
         """
-        out = self._dispatch(x, topk_idx, topk_weights, async_op=False)
+        out = self._dispatch(x, topk_idx, topk_weights, False, num_worst_tokens)
         out[5].wait()
         return out[:5]
 
-    def dispatch_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+    def dispatch_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                       num_worst_tokens: Optional[int] = None):
         """:meth:`dispatch` that returns at once with a sixth element, an :class:`EPEvent`.
 
         The returned tensors are valid after ``event.wait()``; compute that does not need
         them may run meanwhile.
         """
-        return self._dispatch(x, topk_idx, topk_weights, async_op=True)
+        return self._dispatch(x, topk_idx, topk_weights, True, num_worst_tokens)
 
-    def _dispatch_fp8(self, x, topk_idx, topk_weights, async_op):
+    def _dispatch_fp8(self, x, topk_idx, topk_weights, async_op, num_worst_tokens):
         fp8 = getattr(self._backend, "dispatch_fp8", None)
         if fp8 is None:
             raise NotImplementedError(f"backend={self.backend_name!r} has no FP8 dispatch; "
@@ -144,24 +154,28 @@ class EPBuffer:
                                          num_experts=self.num_experts,
                                          max_tokens_per_rank=self.max_tokens_per_rank,
                                          device=self.device, check_values=self.validate_values)
-        return fp8(x, topk_idx, topk_weights, self._routing_layout(topk_idx), async_op=async_op)
+        validation.check_num_worst_tokens(num_worst_tokens)
+        return fp8(x, topk_idx, topk_weights, self._routing_layout(topk_idx), async_op=async_op,
+                   num_worst_tokens=num_worst_tokens)
 
-    def dispatch_fp8(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+    def dispatch_fp8(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                     num_worst_tokens: Optional[int] = None):
         """:meth:`dispatch` with the cast to FP8 fused into the send (about half the bytes on the wire).
 
         Rows travel as e4m3 with one fp32 scale per 128 channels (``scale = amax / 448``;
         ``hidden`` must be a multiple of 128). Returns ``(recv_x float8_e4m3fn, recv_scales
         [R, hidden/128] float32, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
-        handle)``; the handle combines like a bf16 dispatch's. Backends without it raise
-        NotImplementedError.
+        handle)``; the handle combines like a bf16 dispatch's. ``num_worst_tokens`` as for
+        :meth:`dispatch`. Backends without it raise NotImplementedError.
         """
-        out = self._dispatch_fp8(x, topk_idx, topk_weights, async_op=False)
+        out = self._dispatch_fp8(x, topk_idx, topk_weights, False, num_worst_tokens)
         out[6].wait()
         return out[:6]
 
-    def dispatch_fp8_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+    def dispatch_fp8_async(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                           num_worst_tokens: Optional[int] = None):
         """:meth:`dispatch_fp8` returning a seventh element, an :class:`EPEvent`."""
-        return self._dispatch_fp8(x, topk_idx, topk_weights, async_op=True)
+        return self._dispatch_fp8(x, topk_idx, topk_weights, True, num_worst_tokens)
 
     # ----------------------------------------------------------------------------- combine
     def _check_handle(self, handle) -> None:

@@ -17,12 +17,15 @@ class DispatchHandle:
         buffer_id: id of the EPBuffer that made it (a handle is not portable across buffers).
         num_tokens: tokens this rank dispatched (rows of the combine output).
         layout: the routing layout of those tokens.
-        num_recv_tokens: rows this rank received (rows ``combine`` expects in ``y``).
+        num_recv_tokens: rows of the dispatch outputs, i.e. rows ``combine`` expects in ``y``:
+            the rows this rank received, or ``num_worst_tokens`` when the dispatch was given
+            that budget (rows past the received ones have no expert: ids -1, weights 0).
         recv_counts: ``[W]`` tokens received from each rank (host list, or None when a
             backend keeps them on the device only).
         recv_topk_idx / recv_topk_weights: per received row, local expert ids (-1 where the
             slot's expert is elsewhere) and their weights (0 there).
         backend_state: whatever the backend needs beyond this (opaque to callers).
+        num_worst_tokens: the dispatch's worst-case budget, or None for exact-size outputs.
     """
 
     buffer_id: int
@@ -33,6 +36,7 @@ class DispatchHandle:
     recv_topk_idx: torch.Tensor
     recv_topk_weights: torch.Tensor
     backend_state: Any = None
+    num_worst_tokens: Optional[int] = None
     _expert_positions: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     @property

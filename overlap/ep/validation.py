@@ -70,3 +70,11 @@ def check_combine_input(y, *, expected_rows: int, hidden: int, device: torch.dev
     _check_rows("y", y, hidden=hidden, device=device)
     if y.shape[0] != expected_rows:
         raise ValueError(f"y has {y.shape[0]} rows but the handle expects {expected_rows} ({what})")
+
+
+def check_num_worst_tokens(num_worst_tokens) -> None:
+    """None, or a non-negative int (the rows a budgeted dispatch's outputs hold)."""
+    if num_worst_tokens is None:
+        return
+    if not isinstance(num_worst_tokens, int) or isinstance(num_worst_tokens, bool) or num_worst_tokens < 0:
+        raise ValueError(f"num_worst_tokens must be None or an int >= 0, got {num_worst_tokens!r}")

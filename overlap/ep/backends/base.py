@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
@@ -39,8 +39,12 @@ class EPBackend(ABC):
 
     @abstractmethod
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                 layout: RoutingLayout, *, async_op: bool) -> DispatchOutput:
-        """Return ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle, event)``."""
+                 layout: RoutingLayout, *, async_op: bool, num_worst_tokens: Optional[int] = None) -> DispatchOutput:
+        """Return ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert, handle, event)``.
+
+        With ``num_worst_tokens`` the outputs have exactly that many rows; rows past the
+        received ones have ids -1 and weights 0 (and any ``recv_x`` content).
+        """
 
     @abstractmethod
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, async_op: bool) -> tuple[torch.Tensor, EPEvent]:

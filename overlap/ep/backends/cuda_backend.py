@@ -4,8 +4,14 @@ Each operation is one kernel on exactly ``EPBuffer.num_sms`` thread blocks that 
 straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.cuh):
 
 - dispatch = a one-block counts exchange (``notify``), one host read of the counts to size
-  the outputs exactly like the reference backend, then the dispatch kernel;
+  the outputs exactly like the reference backend, then the dispatch kernel. With
+  ``num_worst_tokens`` the outputs are sized by that budget instead and nothing waits on the
+  host: the step can be captured in a CUDA graph;
 - combine = one kernel: rows go back to their source ranks, which sum them in fp32.
+
+Inside each dispatch and combine kernel the warps of every block split into senders and
+receivers (``OVERLAP_CUDA_SEND_WARPS`` of 16 send, default 8), and every row carries an
+arrival flag, so receiving overlaps sending. Sequence numbers live on the GPU.
 
 Kernels run on a communication stream of the buffer, ordered after the caller's stream by
 events; ``*_async`` calls return an :class:`EPEvent` that makes the current stream wait.
@@ -15,8 +21,8 @@ operation and the peer: at the next dispatch or combine of the buffer (a dispatc
 earlier operations anyway), when an async event is waited on if the kernel already failed, or
 at once by :meth:`CudaBackend.check_status`. After a failure the buffer is unusable.
 
-Not CUDA-graph capturable (the dispatch reads counts on the host; sequence numbers are
-kernel arguments).
+CUDA-graph capture: combine always; dispatch with ``num_worst_tokens``. Call each once before
+capturing (the first call allocates the symmetric buffer, collectively).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from overlap.ep.layout import RoutingLayout
 
 TIMEOUT_ENV = "OVERLAP_KERNEL_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
+SEND_WARPS_ENV = "OVERLAP_CUDA_SEND_WARPS"
 FP8_BLOCK = 128             # channels per fp32 scale of the FP8 dispatch
 _INITIAL_ELEMENT_SIZE = 2   # bf16 rows; grows (collectively) on the first wider dtype
 _INITIAL_TOPK = 8
@@ -44,6 +51,8 @@ _ERRORS = {
     2: "timed out after {t:g} s waiting for rank {peer} to finish sending its data",
     3: "found rank {peer} running a different operation under the same sequence number "
        "(every rank must call dispatch and combine in the same order)",
+    4: "received {peer} rows, more than num_worst_tokens allows; pass a larger num_worst_tokens "
+       "(at most world_size * max_tokens_per_rank rows can arrive)",
 }
 
 
@@ -65,13 +74,34 @@ def kernel_timeout_s() -> float:
     return value
 
 
+def send_warps_from_env(num_warps: int, default: int) -> int:
+    """Warps per block that send (the rest receive), from ``OVERLAP_CUDA_SEND_WARPS``."""
+    raw = os.environ.get(SEND_WARPS_ENV, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value < num_warps:
+        raise ValueError(f"{SEND_WARPS_ENV}={raw!r} must be an integer in [1, {num_warps - 1}] "
+                         f"(warps per block that send; the other {num_warps} - it receive)")
+    return value
+
+
 class _RegionLayout:
-    """Byte offsets of the regions in every rank's symmetric buffer (see intranode.cuh)."""
+    """Byte offsets of the regions in every rank's symmetric buffer (see intranode.cuh).
+
+    The signal area and the per-row arrival flags (``zero_bytes``) start zeroed.
+    """
 
     def __init__(self, signal_bytes: int, world: int, max_tokens: int, hidden: int, elem_cap: int, topk_cap: int):
         rows = world * max_tokens
         self.elem_cap, self.topk_cap = elem_cap, topk_cap
-        self.x_offset = signal_bytes
+        self.dispatch_flags_offset = signal_bytes
+        self.combine_flags_offset = self.dispatch_flags_offset + rows * 8
+        self.zero_bytes = _align(self.combine_flags_offset + rows * 8, 4096)
+        self.x_offset = self.zero_bytes
         self.meta_offset = self.x_offset + rows * _align(hidden * elem_cap, 16)
         self.combine_offset = _align(self.meta_offset + rows * topk_cap * 8, 4096)
         self.nbytes = self.combine_offset + rows * _align(hidden * elem_cap, 16)
@@ -119,6 +149,7 @@ class CudaBackend(EPBackend):
         self._status = None
         self._status_ptr = 0
         self._signal_bytes = self._canary_offset = 0
+        self._send_warps = 0
 
     # ------------------------------------------------------------------------------------ setup
     def check_group(self, buffer) -> None:
@@ -126,7 +157,9 @@ class CudaBackend(EPBackend):
             raise ValueError(f"backend={self.name!r} needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
         if "nccl" not in str(dist.get_backend(buffer.group)).lower():
             raise ValueError(f"backend={self.name!r} needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
-        signal_bytes, canary_offset, max_ranks, status_words = torch.ops.overlap.intranode_layout()
+        signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps = \
+            torch.ops.overlap.intranode_layout()
+        self._send_warps = send_warps_from_env(num_warps, send_warps)
         if buffer.world_size > max_ranks:
             raise ValueError(f"backend={self.name!r} supports at most {max_ranks} ranks, the group has {buffer.world_size}")
         # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
@@ -162,7 +195,7 @@ class CudaBackend(EPBackend):
         self._generation += 1
         from overlap.ep.symm_buffer import SymmetricBuffer
 
-        self._symm = SymmetricBuffer(buf.group, regions.nbytes, buf.device, zero_bytes=self._signal_bytes,
+        self._symm = SymmetricBuffer(buf.group, regions.nbytes, buf.device, zero_bytes=regions.zero_bytes,
                                      canary_offset=self._canary_offset, generation=self._generation)
         self._symm.record_stream(self._stream)
         self._regions = regions
@@ -191,17 +224,20 @@ class CudaBackend(EPBackend):
         self._raise_if_failed()
 
     def _op_args(self, num_blocks: int) -> tuple:
-        """Advance the sequence; the arguments every kernel op takes, in their schema order."""
-        self._seq += 1
-        self._done_total += num_blocks
-        buf = self.buffer
-        return (buf.rank, num_blocks, buf.max_tokens_per_rank, self._seq, self._done_total,
-                int(self._timeout_s * 1e9), self._status_ptr)
+        """The arguments every kernel op takes, in their schema order; counts the operation.
 
-    def _check_not_capturing(self) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"backend={self.name!r} cannot be captured in a CUDA graph: the dispatch reads token counts "
-                               "on the host and every call carries a new sequence number")
+        The kernels number operations on the GPU; the host keeps the same count for kernels
+        that take it as an argument (see the Triton backend).
+        """
+        self._seq += 1
+        buf = self.buffer
+        return (buf.rank, num_blocks, buf.max_tokens_per_rank, int(self._timeout_s * 1e9), self._status_ptr)
+
+    def _check_capturable(self, what: str, reads_host: bool) -> None:
+        if torch.cuda.is_current_stream_capturing() and reads_host:
+            raise RuntimeError(f"backend={self.name!r}: a {what} without num_worst_tokens reads token counts on the host "
+                               "and cannot be captured in a CUDA graph; pass num_worst_tokens (e.g. "
+                               "world_size * max_tokens_per_rank) to capture it")
 
     def _launch(self, what: str, op, *args) -> None:
         # A launch that raises has already advanced this rank's sequence number: the ranks are
@@ -223,12 +259,14 @@ class CudaBackend(EPBackend):
         return EPEvent.completed()
 
     # ------------------------------------------------------------------------------------ dispatch
-    def dispatch(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool) -> DispatchOutput:
+    def dispatch(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool,
+                 num_worst_tokens: Optional[int] = None) -> DispatchOutput:
         recv_x, _, recv_idx, recv_w, counts, handle, event = self._dispatch(x, topk_idx, topk_weights, layout,
-                                                                            async_op, fp8=False)
+                                                                            async_op, False, num_worst_tokens)
         return recv_x, recv_idx, recv_w, counts, handle, event
 
-    def dispatch_fp8(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool):
+    def dispatch_fp8(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool,
+                     num_worst_tokens: Optional[int] = None):
         """Dispatch with the cast to FP8 fused into the send (about half the bytes of bf16 on the wire).
 
         Each row is sent as e4m3 values with one fp32 scale per 128 channels: ``scale = amax /
@@ -244,12 +282,12 @@ class CudaBackend(EPBackend):
         x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
         if x.data_ptr() % 16:
             x = x.clone()  # the quantising send reads 16-byte vectors
-        return self._dispatch(x, topk_idx, topk_weights, layout, async_op, fp8=True)
+        return self._dispatch(x, topk_idx, topk_weights, layout, async_op, True, num_worst_tokens)
 
-    def _dispatch(self, x, topk_idx, topk_weights, layout, async_op, fp8):
+    def _dispatch(self, x, topk_idx, topk_weights, layout, async_op, fp8, num_worst_tokens):
         buf = self.buffer
         self._raise_if_failed()
-        self._check_not_capturing()
+        self._check_capturable("dispatch", reads_host=num_worst_tokens is None)
         num_tokens, topk = topk_idx.shape
         self._ensure_capacity(x.element_size(), topk)
         regions, peers, comm = self._regions, self._symm.peer_bases, self._stream
@@ -266,11 +304,15 @@ class CudaBackend(EPBackend):
             matrix = torch.empty(buf.world_size, buf.world_size, dtype=torch.int32, device=buf.device)
             self._launch("dispatch counts exchange", torch.ops.overlap.intranode_notify, send_counts, peers, matrix,
                          *self._op_args(1))
-            recv_counts = matrix[:, buf.rank].tolist()  # the one host sync of a dispatch
-        self._raise_if_failed()  # everything queued on comm so far has finished: a failure is known now
+            if num_worst_tokens is None:
+                recv_counts = matrix[:, buf.rank].tolist()  # the one host sync of an exact-size dispatch
+        if num_worst_tokens is None:
+            self._raise_if_failed()  # everything queued on comm so far has finished: a failure is known now
+            num_recv = sum(recv_counts)
+        else:
+            recv_counts, num_recv = None, num_worst_tokens
 
         # Outputs live on the caller's stream (that is where they are used and freed).
-        num_recv = sum(recv_counts)
         if fp8:
             recv_x = torch.empty(num_recv, buf.hidden, dtype=torch.float8_e4m3fn, device=buf.device)
             recv_scales = torch.empty(num_recv, buf.hidden // FP8_BLOCK, dtype=torch.float32, device=buf.device)
@@ -287,20 +329,34 @@ class CudaBackend(EPBackend):
                 t.record_stream(comm)
         with torch.cuda.stream(comm):
             counts.zero_()
-            self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
-                         recv_x, recv_idx, recv_w, counts, *self._op_args(buf.num_sms), regions.x_offset,
-                         row_stride, regions.meta_offset, recv_scales)
+            if num_worst_tokens is not None:  # rows past the ones that arrive stay "no expert"
+                recv_idx.fill_(-1)
+                recv_w.zero_()
+            self._launch_dispatch(x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w, counts,
+                                  regions, row_stride, recv_scales)
         event = self._finish(caller, async_op)
         handle = DispatchHandle(buffer_id=id(buf), num_tokens=num_tokens, layout=layout, num_recv_tokens=num_recv,
                                 recv_counts=recv_counts, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
-                                backend_state={"count_matrix": matrix, "token_slot": slot})
+                                backend_state={"count_matrix": matrix, "token_slot": slot},
+                                num_worst_tokens=num_worst_tokens)
         return recv_x, recv_scales, recv_idx, recv_w, counts, handle, event
+
+    def _launch_dispatch(self, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w, counts, regions,
+                         row_stride, recv_scales) -> None:
+        self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
+                     recv_x, recv_idx, recv_w, counts, *self._op_args(self.buffer.num_sms), regions.x_offset,
+                     row_stride, regions.meta_offset, regions.dispatch_flags_offset, self._send_warps, recv_scales)
+
+    def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
+        self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, matrix, peers, out,
+                     *self._op_args(self.buffer.num_sms), regions.combine_offset, row_stride,
+                     regions.combine_flags_offset, self._send_warps)
 
     # ------------------------------------------------------------------------------------ combine
     def combine(self, y, handle: DispatchHandle, *, async_op: bool):
         buf = self.buffer
         self._raise_if_failed()
-        self._check_not_capturing()
+        self._check_capturable("combine", reads_host=False)
         state = handle.backend_state
         if not isinstance(state, dict) or "count_matrix" not in state:
             raise ValueError("handle was not made by a 'cuda' backend dispatch")
@@ -314,7 +370,6 @@ class CudaBackend(EPBackend):
             t.record_stream(comm)
         comm.wait_stream(caller)
         with torch.cuda.stream(comm):
-            self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, state["count_matrix"], peers, out,
-                         *self._op_args(buf.num_sms), regions.combine_offset,
-                         _align(buf.hidden * y.element_size(), 16))
+            self._launch_combine(y, slot, state["count_matrix"], peers, out, regions,
+                                 _align(buf.hidden * y.element_size(), 16))
         return out, self._finish(caller, async_op)

@@ -28,12 +28,26 @@ class TorchBackend(EPBackend):
         dist.all_to_all_single(recv, send_counts, group=self.buffer.group)
         return recv.tolist()
 
-    def dispatch(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool) -> DispatchOutput:
+    def _check_budget(self, num_recv: int, num_worst_tokens: int) -> None:
+        # Collective, so that every rank raises together instead of peers hanging in the next
+        # all-to-all: the most rows any rank would overflow its budget by.
+        over = torch.tensor([num_recv - num_worst_tokens], dtype=torch.int64, device=self.buffer.device)
+        dist.all_reduce(over, op=dist.ReduceOp.MAX, group=self.buffer.group)
+        if over.item() > 0:
+            raise ValueError(f"num_worst_tokens={num_worst_tokens} is too small: a rank received {over.item()} rows more "
+                             f"than that (this rank: {num_recv}); at most world_size * max_tokens_per_rank = "
+                             f"{self.buffer.world_size * self.buffer.max_tokens_per_rank} rows can arrive")
+
+    def dispatch(self, x, topk_idx, topk_weights, layout: RoutingLayout, *, async_op: bool,
+                 num_worst_tokens=None) -> DispatchOutput:
         buf = self.buffer
         send_counts_t = layout.num_tokens_per_rank.to(torch.int64)
         send_counts = send_counts_t.tolist()
         recv_counts = self._exchange_counts(send_counts_t)
         num_send, num_recv = sum(send_counts), sum(recv_counts)
+        if num_worst_tokens is not None:
+            self._check_budget(num_recv, num_worst_tokens)
+        num_rows = num_recv if num_worst_tokens is None else num_worst_tokens
 
         # Send rows in (destination rank, token) order; ids become local to the destination.
         rank_offsets = layout.rank_offsets
@@ -48,10 +62,12 @@ class TorchBackend(EPBackend):
         send_w = torch.where(is_local, send_w, torch.zeros_like(send_w))
 
         k = topk_idx.shape[1]
-        recv_x = x.new_empty(num_recv, buf.hidden)
-        recv_idx = torch.empty(num_recv, k, dtype=torch.int64, device=x.device)
-        recv_w = torch.empty(num_recv, k, dtype=torch.float32, device=x.device)
-        works = [self._all_to_all(out, inp, recv_counts, send_counts, async_op)
+        # Rows past the received ones (a worst-case budget) hold zeros and "no expert".
+        recv_x = x.new_empty(num_rows, buf.hidden)
+        recv_x[num_recv:].zero_()
+        recv_idx = torch.full((num_rows, k), -1, dtype=torch.int64, device=x.device)
+        recv_w = torch.zeros(num_rows, k, dtype=torch.float32, device=x.device)
+        works = [self._all_to_all(out[:num_recv], inp, recv_counts, send_counts, async_op)
                  for out, inp in ((recv_x, send_x), (recv_idx, send_idx), (recv_w, send_w))]
         counts = torch.zeros(buf.num_local_experts, dtype=torch.int32, device=x.device)
 
@@ -60,9 +76,9 @@ class TorchBackend(EPBackend):
             counts.copy_(torch.bincount(recv_idx[valid], minlength=buf.num_local_experts))
 
         handle = DispatchHandle(buffer_id=id(buf), num_tokens=x.shape[0], layout=layout,
-                                num_recv_tokens=num_recv, recv_counts=recv_counts,
+                                num_recv_tokens=num_rows, recv_counts=recv_counts,
                                 recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
-                                backend_state={"send_counts": send_counts})
+                                backend_state={"send_counts": send_counts}, num_worst_tokens=num_worst_tokens)
         if async_op:
             event = EPEvent(works, finalize)
         else:
@@ -74,7 +90,8 @@ class TorchBackend(EPBackend):
         send_counts = handle.backend_state["send_counts"]
         layout = handle.layout
         back = y.new_empty(sum(send_counts), y.shape[1])
-        work = self._all_to_all(back, y.contiguous(), send_counts, handle.recv_counts, async_op)
+        received = y[:sum(handle.recv_counts)]  # a budget's padding rows stay here
+        work = self._all_to_all(back, received.contiguous(), send_counts, handle.recv_counts, async_op)
         out = y.new_empty(handle.num_tokens, y.shape[1])
 
         def finalize():

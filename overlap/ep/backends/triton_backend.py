@@ -1,7 +1,7 @@
 """Triton backend: the CUDA backend's NVLink protocol with the data movement written in Triton.
 
 Everything around the data movement is the CUDA backend's (it is subclassed): the symmetric
-buffer and its region layout, sequence numbers and done totals, the counts exchange (its
+buffer and its region layout, the counts exchange (its
 one-block ``notify`` kernel), the host-mapped status words, the comm stream, events and error
 reporting. Only the dispatch and combine kernels are replaced, by the Triton kernels in
 :mod:`overlap.triton_kernels.ep_intranode`, which follow the same flag protocol on the same
@@ -87,9 +87,11 @@ def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_ba
                     recv_topk_weights, recv_expert_counts, rank, num_blocks, max_tokens, seq, done_target,
                     timeout_ns, status_ptr, x_region_offset, x_row_stride, meta_region_offset,
                     recv_scales=None) -> None:
-    """The Triton dispatch kernel, with the argument order of ``torch.ops.overlap.intranode_dispatch``.
+    """The Triton dispatch kernel (the CUDA op's arguments plus the host's ``seq`` and ``done_target``).
 
     ``recv_scales`` given: quantise to e4m3 on the way (``recv_x`` is float8_e4m3fn then).
+    Rows past ``recv_x.shape[0]`` (a worst-case budget that was too small) are dropped and
+    reported through the status words.
     """
     from overlap.triton_kernels.ep_intranode import ep_dispatch_kernel
 
@@ -116,13 +118,13 @@ def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_ba
         ep_dispatch_kernel[(num_blocks,)](
             *(_nonempty(t) for t in tensors), rank, world, max_tokens, seq, done_target, timeout_ns, status_ptr,
             num_tokens, hidden, topk, recv_expert_counts.numel(), x_region_offset, x_row_stride, meta_region_offset,
-            FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, _next_pow2(topk)),
+            recv_x.shape[0], FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, _next_pow2(topk)),
             BLOCK_S=max(2, _next_pow2(hidden // FP8_BLOCK)), USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
 
 
 def launch_combine(y, token_slot, count_matrix, peer_bases, out, rank, num_blocks, max_tokens, seq, done_target,
                    timeout_ns, status_ptr, region_offset, row_stride) -> None:
-    """The Triton combine kernel, with the argument order of ``torch.ops.overlap.intranode_combine``."""
+    """The Triton combine kernel (the CUDA op's arguments plus the host's ``seq`` and ``done_target``)."""
     from overlap.triton_kernels.ep_intranode import ep_combine_kernel
 
     world = peer_bases.numel()
@@ -172,11 +174,24 @@ class TritonBackend(CudaBackend):
             return False, f"it reuses the cuda backend's buffers and counts exchange, which are unavailable: {why}"
         return True, ""
 
-    def _launch(self, what: str, op, *args) -> None:
-        # The CUDA backend's dispatch/combine bodies call this with its ops' arguments; swap in
-        # the Triton kernels (same arguments), keep its counts exchange.
-        if what == "dispatch":
-            op = launch_dispatch
-        elif what == "combine":
-            op = launch_combine
-        super()._launch(what, op, *args)
+    def _kernel_args(self, num_blocks: int) -> tuple:
+        # The Triton kernels take the sequence number from the host and count blocks in done[]
+        # (the CUDA kernels keep both on the GPU); the host numbers operations identically.
+        rank, nb, max_tokens, timeout_ns, status_ptr = self._op_args(num_blocks)
+        self._done_total += num_blocks
+        return rank, nb, max_tokens, self._seq, self._done_total, timeout_ns, status_ptr
+
+    def _launch_dispatch(self, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w, counts, regions,
+                         row_stride, recv_scales) -> None:
+        self._launch("dispatch", launch_dispatch, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w,
+                     counts, *self._kernel_args(self.buffer.num_sms), regions.x_offset, row_stride,
+                     regions.meta_offset, recv_scales)
+
+    def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
+        self._launch("combine", launch_combine, y, slot, matrix, peers, out, *self._kernel_args(self.buffer.num_sms),
+                     regions.combine_offset, row_stride)
+
+    def _check_capturable(self, what: str, reads_host: bool) -> None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"backend={self.name!r} cannot be captured in a CUDA graph: its kernels take a new "
+                               "sequence number from the host at every call (use backend='cuda' to capture)")
