@@ -12,7 +12,7 @@
 set -uo pipefail
 OUTDIR=${1:?usage: device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k EXPR]}
 shift
-MODE=all; WS=""; KEXPR=""; TESTS="tests"; STUDIES="ep_bench pipeline_step_time eplb_zipf moe_overlap decode_bench decode_overlap sm_ablation triton"
+MODE=all; WS=""; KEXPR=""; TESTS="tests"; STUDIES="ep_bench pipeline_step_time eplb_zipf moe_overlap decode_bench decode_overlap sm_ablation capture_traces triton"
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) MODE=tests ;;
@@ -63,7 +63,8 @@ if [ "$MODE" != tests ]; then
     # Each study takes --world-size and --out; extra flags per script after the colon.
     for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
                  "experiments/moe_overlap.py:--figures $OUTDIR/results" "experiments/decode_bench.py:" \
-                 "experiments/decode_overlap.py:" "experiments/sm_ablation.py:--fig-dir $OUTDIR/results"; do
+                 "experiments/decode_overlap.py:" "experiments/sm_ablation.py:--fig-dir $OUTDIR/results" \
+                 "experiments/capture_traces.py:--figures $OUTDIR/results"; do
       script=${entry%%:*}; extra=${entry#*:}
       if [ -f "$script" ] && wanted "$(basename "$script" .py)"; then
         step "$script world size $w"

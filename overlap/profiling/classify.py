@@ -12,7 +12,8 @@ The decision is made from the event's name, in this order (the first rule that m
    all_gather, reduce_scatter, send/recv), and expert-parallel kernels named for what they do
    — DeepEP's ``dispatch``/``combine``/``notify_dispatch``/``cached_notify*``/
    ``clean_low_latency_buffer`` (in DeepSeek's trace: ``dpsk::ep::internode::...``), pplx,
-   and this project's ``overlap_dispatch``/``overlap_combine`` kernels;
+   and this project's kernels (``overlap::intranode::*`` including the counts exchange
+   ``notify_kernel``, ``overlap::ll::*``, the Triton ``ep_dispatch``/``ep_combine``);
 5. everything else is compute. Local copies and memsets count as compute: the GPU is busy
    with work that is not inter-GPU traffic.
 
@@ -52,6 +53,7 @@ DEFAULT_COMM_PATTERNS: tuple[str, ...] = (
     _B + r"(dispatch|combine|notify_dispatch|notify_combine|cached_notify\w*|clean_low_latency_buffer)" + _E,
     r"pplx",
     r"overlap_(dispatch|combine|send|recv|notify|barrier)",
+    r"overlap::(intranode|ll)::",                  # every kernel of these namespaces moves data between GPUs
 )
 
 
