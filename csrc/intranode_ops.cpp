@@ -62,9 +62,11 @@ in::CommonParams common_params(const at::Tensor& peer_bases, const at::Device& d
   return c;
 }
 
-void check_send_warps(int64_t send_warps) {
+void check_send_split(int64_t send_warps, int64_t send_chunk) {
   TORCH_CHECK(send_warps >= 1 && send_warps < in::kWarps, "send_warps must be in [1, ", in::kWarps - 1,
               "] (the other warps of a block receive), got ", send_warps);
+  TORCH_CHECK(send_chunk >= 1 && send_chunk <= in::kMaxSendChunk, "send_chunk must be in [1, ", in::kMaxSendChunk,
+              "], got ", send_chunk);
 }
 
 const int* count_matrix_ptr(const at::Tensor& count_matrix, int64_t world, const at::Device& device) {
@@ -95,7 +97,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
                         const at::Tensor& recv_expert_counts, int64_t rank, int64_t num_blocks, int64_t max_tokens,
                         int64_t timeout_ns, int64_t status_ptr, int64_t x_region_offset, int64_t x_row_stride,
                         int64_t meta_region_offset, int64_t flag_region_offset, int64_t send_warps,
-                        const std::optional<at::Tensor>& recv_scales) {
+                        int64_t send_chunk, const std::optional<at::Tensor>& recv_scales) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   const at::Device device = x.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -125,7 +127,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
     TORCH_CHECK(recv_scales->size(0) == num_recv && recv_scales->size(1) == hidden / in::kFp8Block,
                 "recv_scales must be [", num_recv, ", ", hidden / in::kFp8Block, "], got ", recv_scales->sizes());
   }
-  check_send_warps(send_warps);
+  check_send_split(send_warps, send_chunk);
   check_cuda_tensor(recv_topk_idx, "recv_topk_idx", at::kLong, 2, device);
   TORCH_CHECK(recv_topk_idx.size(0) == num_recv && recv_topk_idx.size(1) == topk, "recv_topk_idx must be [", num_recv,
               ", ", topk, "]");
@@ -147,6 +149,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
   p.meta_region_offset = meta_region_offset;
   p.flag_region_offset = flag_region_offset;
   p.send_warps = static_cast<int>(send_warps);
+  p.send_chunk = static_cast<int>(send_chunk);
   p.num_out_rows = num_recv;
   p.recv_x = recv_x.data_ptr();
   p.recv_scales = quantise ? recv_scales->data_ptr<float>() : nullptr;
@@ -159,7 +162,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
 void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const at::Tensor& count_matrix,
                        const at::Tensor& peer_bases, const at::Tensor& out, int64_t rank, int64_t num_blocks,
                        int64_t max_tokens, int64_t timeout_ns, int64_t status_ptr, int64_t region_offset,
-                       int64_t row_stride, int64_t flag_region_offset, int64_t send_warps) {
+                       int64_t row_stride, int64_t flag_region_offset, int64_t send_warps, int64_t send_chunk) {
   TORCH_CHECK(y.is_cuda(), "y must be a CUDA tensor");
   const at::Device device = y.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -175,16 +178,16 @@ void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const 
   check_cuda_tensor(token_slot, "token_slot", at::kInt, 2, device);
   TORCH_CHECK(token_slot.size(0) == num_tokens && token_slot.size(1) == world, "token_slot must be [", num_tokens,
               ", ", world, "], got ", token_slot.sizes());
-  TORCH_CHECK(y.size(0) <= world * max_tokens, "y has more rows than any dispatch can deliver");
   p.y = y.data_ptr();
   p.token_slot = token_slot.data_ptr<int>();
   p.num_tokens = num_tokens;
   p.hidden = hidden;
-  check_send_warps(send_warps);
+  check_send_split(send_warps, send_chunk);
   p.region_offset = region_offset;
   p.row_stride = row_stride;
   p.flag_region_offset = flag_region_offset;
   p.send_warps = static_cast<int>(send_warps);
+  p.send_chunk = static_cast<int>(send_chunk);
   p.out = out.data_ptr();
   check_launch(in::launch_combine(p, c10::cuda::getCurrentCUDAStream(device.index())), "intranode_combine");
 }
@@ -221,7 +224,8 @@ std::tuple<at::Tensor, int64_t> intranode_alloc_status(int64_t num_words) {
 }
 
 std::vector<int64_t> intranode_layout() {
-  return {in::kSignalBytes, in::kCanaryOffset, in::kMaxRanks, in::kStatusWords, in::kWarps, in::kDefaultSendWarps};
+  return {in::kSignalBytes, in::kCanaryOffset,     in::kMaxRanks,         in::kStatusWords,
+          in::kWarps,       in::kDefaultSendWarps, in::kMaxSendChunk, in::kDefaultSendChunk};
 }
 
 }  // namespace
@@ -235,11 +239,11 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
       "Tensor peer_bases, Tensor(a!) recv_x, Tensor(b!) recv_topk_idx, Tensor(c!) recv_topk_weights, "
       "Tensor(d!) recv_expert_counts, int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, "
       "int x_region_offset, int x_row_stride, int meta_region_offset, int flag_region_offset, int send_warps, "
-      "Tensor(e!)? recv_scales=None) -> ()");
+      "int send_chunk, Tensor(e!)? recv_scales=None) -> ()");
   m.def(
       "intranode_combine(Tensor y, Tensor token_slot, Tensor count_matrix, Tensor peer_bases, Tensor(a!) out, "
       "int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, int region_offset, int row_stride, "
-      "int flag_region_offset, int send_warps) -> ()");
+      "int flag_region_offset, int send_warps, int send_chunk) -> ()");
   m.def("intranode_read_peer_u64(Tensor peer_bases, int offset) -> Tensor");
   // No tensor arguments: these register as catch-all kernels.
   m.def("intranode_alloc_status(int num_words) -> (Tensor, int)", &intranode_alloc_status);

@@ -13,7 +13,7 @@ time_us = the slowest rank's median over the timed iterations (CUDA events on GP
 Kernel backends run each dispatch in two modes (``--modes``): ``exact`` sizes the outputs from
 the counts (one host sync per dispatch), ``budget`` passes ``num_worst_tokens = W * tokens``
 (no host sync; what a CUDA-graph-captured step runs). Rows record both and the send/receive
-warp split of the CUDA kernels (``OVERLAP_CUDA_SEND_WARPS``).
+warp split of the CUDA kernels (``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_SEND_CHUNK``).
 """
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def _bench_rank(rank, world_size, args):
                            backend=backend, num_sms=num_sms or 20, validate_values=False, device=device)
             budget = world_size * args.tokens if mode == "budget" else None
             send_warps = getattr(buf._backend, "_send_warps", None) if backend == "cuda" else None
+            send_chunk = getattr(buf._backend, "_send_chunk", None) if backend == "cuda" else None
             recv_x, recv_idx, recv_w, counts, handle = buf.dispatch(x, idx, w)
             lay = handle.layout
             sent_rows = lay.num_tokens_per_rank.to(torch.int64)
@@ -98,6 +99,7 @@ def _bench_rank(rank, world_size, args):
                 time_us = gather_max(t["time_us"])
                 wire_b, logical_b = gather_mean(wire * nbytes), gather_mean(logical * nbytes)
                 rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode, "send_warps": send_warps,
+                             "send_chunk": send_chunk,
                              "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                              "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
@@ -120,7 +122,7 @@ def _bench_rank(rank, world_size, args):
     time_us = gather_max(t["time_us"])
     wire_b, logical_b = gather_mean(wire_rows * row_bytes), gather_mean(recv.shape[0] * row_bytes)
     rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None, "mode": "exact",
-                 "send_warps": None, "dtype": args.dtype,
+                 "send_warps": None, "send_chunk": None, "dtype": args.dtype,
                  "time_us": time_us, "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                  "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                  "min_us": gather_max(t["min_us"]), "iters": args.iters})

@@ -107,3 +107,20 @@ def test_fp8_reference_quantisation():
 
 
 
+
+
+def test_send_split_env(monkeypatch):
+    from overlap.ep.backends.cuda_backend import send_split_from_env
+
+    monkeypatch.delenv("OVERLAP_CUDA_SEND_WARPS", raising=False)
+    monkeypatch.delenv("OVERLAP_CUDA_SEND_CHUNK", raising=False)
+    assert send_split_from_env(16, 8, 32, 4) == (8, 4)
+    monkeypatch.setenv("OVERLAP_CUDA_SEND_WARPS", "12")
+    monkeypatch.setenv("OVERLAP_CUDA_SEND_CHUNK", "1")
+    assert send_split_from_env(16, 8, 32, 4) == (12, 1)
+    for name, bad in (("OVERLAP_CUDA_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_WARPS", "0"),
+                      ("OVERLAP_CUDA_SEND_CHUNK", "33"), ("OVERLAP_CUDA_SEND_CHUNK", "x")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            send_split_from_env(16, 8, 32, 4)
+        monkeypatch.setenv(name, "4")

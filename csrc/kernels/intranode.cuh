@@ -26,8 +26,9 @@
 //   2. The warps of every block split into senders and receivers (`send_warps` of kWarps send),
 //      so receiving overlaps sending instead of following it.
 //      Senders: per token (dispatch) or per received row (combine), 16-byte stores straight into
-//      the peer's region, then, after __syncwarp, one release store of seq to that row's
-//      arrival flag. Rows for this rank itself skip the region: dispatch writes them straight
+//      the peer's region; after every `send_chunk` rows, __syncwarp, one system-scope fence and
+//      relaxed stores of seq to those rows' arrival flags (a fence per row would stall each
+//      warp for an NVLink round trip per row). Rows for this rank itself skip the region: dispatch writes them straight
 //      into the outputs and combine reads them straight from y.
 //      Receivers: wait (acquire) for a row's flag to reach seq, then copy it out (dispatch) or
 //      sum a token's rows in fp32 in ascending rank order (combine).
@@ -45,6 +46,8 @@ constexpr int kMaxRanks = 32;            // one warp checks all peers' flags
 constexpr int kThreads = 512;            // 16 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kDefaultSendWarps = 8;     // of kWarps; the rest receive
+constexpr int kMaxSendChunk = 32;        // rows a sender warp sends before one fence and their flags
+constexpr int kDefaultSendChunk = 4;
 constexpr int64_t kReadyOffset = 0;      // u64 ready[kMaxRanks]
 constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks] (Triton kernels)
 constexpr int64_t kErrorOffset = 1024;   // int32 sticky error word (local only)
@@ -107,6 +110,7 @@ struct DispatchParams {
   int64_t meta_region_offset = 0;      // metadata rows (topk * 8 bytes each)
   int64_t flag_region_offset = 0;      // u64 arrival flag per dispatch row
   int send_warps = kDefaultSendWarps;  // warps per block that send; the others receive
+  int send_chunk = kDefaultSendChunk;  // tokens a sender warp sends before fencing and raising their flags
   int64_t num_out_rows = 0;            // rows the outputs hold (exact count, or the caller's budget)
   void* recv_x = nullptr;              // [num_recv, hidden] of dtype, or of e4m3 bytes when quantising
   float* recv_scales = nullptr;        // [num_recv, hidden / kFp8Block], or nullptr: no quantisation
@@ -126,6 +130,7 @@ struct CombineParams {
   int64_t row_stride = 0;              // bytes between rows (hidden * elem rounded up to 16)
   int64_t flag_region_offset = 0;      // u64 arrival flag per combine row
   int send_warps = kDefaultSendWarps;  // warps per block that send rows back; the others reduce
+  int send_chunk = kDefaultSendChunk;  // rows a sender warp sends before fencing and raising their flags
   void* out = nullptr;                 // [num_tokens, hidden] in dtype
 };
 
@@ -134,7 +139,8 @@ inline bool common_params_ok(const CommonParams& c) {
          c.max_tokens >= 0 && c.timeout_ns > 0 && c.peer_bases != nullptr && c.status_host != nullptr;
 }
 
-inline bool send_warps_ok(int send_warps) { return send_warps >= 1 && send_warps < kWarps;
+inline bool send_warps_ok(int send_warps, int send_chunk) {
+  return send_warps >= 1 && send_warps < kWarps && send_chunk >= 1 && send_chunk <= kMaxSendChunk;
 }
 
 // Both return kOk, kBadArgument (sizes/pointers the kernels do not support) or kLaunchFailed.

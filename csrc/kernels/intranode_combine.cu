@@ -21,15 +21,23 @@ __device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s
   const int64_t n_vec = p.hidden * dtype_size(p.dtype) / static_cast<int64_t>(sizeof(V));
   const V* y = static_cast<const V*>(p.y);
   const RoleWarps rw = role_warps(0, p.send_warps);
-  for (int64_t w = rw.index; w < W * most_from_a_peer; w += rw.count) {
-    const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
-    if (i < 0) continue;
-    const int src = static_cast<int>(w % W);
-    const int64_t row = c.rank * c.max_tokens + (i - s_recv_start[src]);
-    const int64_t dst = s_peer[src] + p.region_offset + row * p.row_stride;
-    warp_copy_row<V, true>(y + i * n_vec, dst, 1u, n_vec, lane);
-    __syncwarp();  // every lane's stores of this row come before the flag
-    if (lane == 0) st_release_sys(reinterpret_cast<uint64_t*>(s_peer[src] + p.flag_region_offset) + row, seq);
+  const int C = p.send_chunk;
+  const int64_t items = W * most_from_a_peer;
+  for (int64_t c0 = rw.index * C; c0 < items; c0 += rw.count * C) {
+    uint64_t* flag = nullptr;  // lane j: the arrival flag of the chunk's j-th row
+    for (int j = 0; j < C && c0 + j < items; ++j) {
+      const int64_t w = c0 + j;
+      const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
+      if (i < 0) continue;
+      const int src = static_cast<int>(w % W);
+      const int64_t row = c.rank * c.max_tokens + (i - s_recv_start[src]);
+      const int64_t dst = s_peer[src] + p.region_offset + row * p.row_stride;
+      warp_copy_row<V, true>(y + i * n_vec, dst, 1u, n_vec, lane);
+      if (lane == j) flag = reinterpret_cast<uint64_t*>(s_peer[src] + p.flag_region_offset) + row;
+    }
+    __syncwarp();  // every lane's stores of the chunk come before the fence
+    fence_acq_rel_sys();
+    if (flag != nullptr) st_relaxed_sys(flag, seq);
   }
 }
 
@@ -169,7 +177,7 @@ int launch_combine(const CombineParams& p, cudaStream_t stream) {
   const CommonParams& c = p.c;
   if (!common_params_ok(c) || c.count_matrix == nullptr ||
       p.num_tokens < 0 || p.num_tokens > c.max_tokens || p.hidden < 1 || p.row_stride % 16 != 0 ||
-      p.region_offset % 16 != 0 || p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps)) {
+      p.region_offset % 16 != 0 || p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps, p.send_chunk)) {
     return kBadArgument;
   }
   switch (p.dtype) {

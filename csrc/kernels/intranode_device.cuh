@@ -24,6 +24,20 @@ __device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
   return v;
 }
 
+__device__ __forceinline__ uint64_t ld_relaxed_sys(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// With a later relaxed store of the same thread: the release pattern. One fence covers every
+// store the warp issued before the preceding __syncwarp, so a chunk of rows pays for one.
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -97,15 +111,17 @@ __device__ __forceinline__ bool block_sees_sticky_error(int64_t my_base, int* s_
   return *s_flag != 0;
 }
 
-// Spins (acquire) until *flag >= want; false once `timeout_ns` passed. Every lane of a warp may
-// call it on the same flag: each then has its own acquire covering its later loads.
+// Spins until *flag >= want, then acquires it; false once `timeout_ns` passed. Every lane of a
+// warp may call it on the same flag: each then has its own acquire covering its later loads.
+// The spin reads relaxed (an acquire load per spin would also invalidate L1 every time).
 __device__ __forceinline__ bool wait_at_least(const uint64_t* flag, uint64_t want, uint64_t timeout_ns) {
-  if (ld_acquire_sys(flag) >= want) return true;
-  const uint64_t deadline = global_timer_ns() + timeout_ns;
-  while (ld_acquire_sys(flag) < want) {
-    if (global_timer_ns() > deadline) return false;
+  if (ld_relaxed_sys(flag) < want) {
+    const uint64_t deadline = global_timer_ns() + timeout_ns;
+    while (ld_relaxed_sys(flag) < want) {
+      if (global_timer_ns() > deadline) return false;
+    }
   }
-  return true;
+  return ld_acquire_sys(flag) >= want;
 }
 
 // Phase 1. Block 0 tells every peer "this rank has started operation seq (so it is done with

@@ -138,41 +138,53 @@ __device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t
   const CommonParams& c = p.c;
   const int W = c.num_ranks, me = c.rank, k = p.topk;
   const RoleWarps rw = role_warps(0, p.send_warps);
-  for (int64_t t = rw.index; t < p.num_tokens; t += rw.count) {
-    const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
-    // Lane r: destination r's addresses. This rank's own row goes straight to the outputs
-    // (unless it is past the budget: the overflow is reported by the receive side).
-    int64_t data_addr = 0, scale_addr = 0, flag_addr = 0, own_row = -1;
-    bool sends = slot >= 0;
-    if (sends && lane == me) {
-      own_row = s_recv_start[me] + slot;
-      sends = own_row < p.num_out_rows;
-      data_addr = Rows::out_data(p, own_row);
-      scale_addr = Rows::out_scales(p, own_row);
-    } else if (sends) {
-      const int64_t row = s_send_row[lane] + slot;
-      data_addr = s_peer[lane] + p.x_region_offset + row * p.x_row_stride;
-      scale_addr = data_addr + p.hidden;
-      flag_addr = s_peer[lane] + p.flag_region_offset + row * 8;
-    }
-    const unsigned dst_lanes = __ballot_sync(0xffffffffu, sends);
-    if (dst_lanes == 0) continue;  // a token with no expert goes nowhere
-    // Metadata first (tiny), so its stores overlap with the row loads below.
-    for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int64_t r_row = __shfl_sync(0xffffffffu, r == me ? own_row : s_send_row[r] + slot, r);
-      for (int j = lane; j < k; j += 32) {
-        const int2 e = meta_entry(p, t, j, r);
-        if (r == me) {
-          write_out_meta(p, r_row, j, e, s_hist);
-        } else {
-          reinterpret_cast<int2*>(s_peer[r] + p.meta_region_offset)[r_row * k + j] = e;
+  const int C = p.send_chunk;
+  for (int64_t c0 = rw.index * C; c0 < p.num_tokens; c0 += rw.count * C) {
+    // Lane r: the rows of this chunk's tokens at peer r, [first_row, last_row] (contiguous:
+    // consecutive tokens bound for r take consecutive slots there).
+    int64_t first_row = -1, last_row = -1;
+    const int64_t c1 = c0 + C < p.num_tokens ? c0 + C : p.num_tokens;
+    for (int64_t t = c0; t < c1; ++t) {
+      const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
+      // Lane r: destination r's addresses. This rank's own row goes straight to the outputs
+      // (unless it is past the budget: the overflow is reported by the receive side).
+      int64_t data_addr = 0, scale_addr = 0, own_row = -1;
+      bool sends = slot >= 0;
+      if (sends && lane == me) {
+        own_row = s_recv_start[me] + slot;
+        sends = own_row < p.num_out_rows;
+        data_addr = Rows::out_data(p, own_row);
+        scale_addr = Rows::out_scales(p, own_row);
+      } else if (sends) {
+        const int64_t row = s_send_row[lane] + slot;
+        data_addr = s_peer[lane] + p.x_region_offset + row * p.x_row_stride;
+        scale_addr = data_addr + p.hidden;
+        if (first_row < 0) first_row = row;
+        last_row = row;
+      }
+      const unsigned dst_lanes = __ballot_sync(0xffffffffu, sends);
+      if (dst_lanes == 0) continue;  // a token with no expert goes nowhere
+      // Metadata first (tiny), so its stores overlap with the row loads below.
+      for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
+        const int r = __ffs(m) - 1;
+        const int64_t r_row = __shfl_sync(0xffffffffu, r == me ? own_row : s_send_row[r] + slot, r);
+        for (int j = lane; j < k; j += 32) {
+          const int2 e = meta_entry(p, t, j, r);
+          if (r == me) {
+            write_out_meta(p, r_row, j, e, s_hist);
+          } else {
+            reinterpret_cast<int2*>(s_peer[r] + p.meta_region_offset)[r_row * k + j] = e;
+          }
         }
       }
+      Rows::send(p, t, data_addr, scale_addr, dst_lanes, lane);
     }
-    Rows::send(p, t, data_addr, scale_addr, dst_lanes, lane);
-    __syncwarp();  // every lane's stores of this row come before the flag
-    if (flag_addr != 0) st_release_sys(reinterpret_cast<uint64_t*>(flag_addr), seq);
+    __syncwarp();  // every lane's stores of the chunk come before the fence
+    fence_acq_rel_sys();
+    if (first_row >= 0) {
+      uint64_t* flags = reinterpret_cast<uint64_t*>(s_peer[lane] + p.flag_region_offset);
+      for (int64_t row = first_row; row <= last_row; ++row) st_relaxed_sys(flags + row, seq);
+    }
   }
 }
 
@@ -253,7 +265,7 @@ int launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   if (!common_params_ok(p.c) || p.c.count_matrix == nullptr || p.topk < 1 || p.num_local_experts < 1 ||
       p.num_local_experts > kMaxSharedExperts || p.num_tokens < 0 || p.num_tokens > p.c.max_tokens || p.hidden < 1 ||
       p.x_row_stride % 16 != 0 || p.x_region_offset % 16 != 0 || p.meta_region_offset % 8 != 0 ||
-      p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps) || p.num_out_rows < 0 ||
+      p.flag_region_offset % 8 != 0 || !send_warps_ok(p.send_warps, p.send_chunk) || p.num_out_rows < 0 ||
       (p.dtype != kFloat32 && p.dtype != kBFloat16 && p.dtype != kFloat16)) {
     return kBadArgument;
   }

@@ -11,7 +11,9 @@ straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.
 
 Inside each dispatch and combine kernel the warps of every block split into senders and
 receivers (``OVERLAP_CUDA_SEND_WARPS`` of 16 send, default 8), and every row carries an
-arrival flag, so receiving overlaps sending. Sequence numbers live on the GPU.
+arrival flag, raised after each ``OVERLAP_CUDA_SEND_CHUNK`` rows a sender warp sent (default
+4; one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
+the GPU.
 
 Kernels run on a communication stream of the buffer, ordered after the caller's stream by
 events; ``*_async`` calls return an :class:`EPEvent` that makes the current stream wait.
@@ -41,6 +43,7 @@ from overlap.ep.layout import RoutingLayout
 TIMEOUT_ENV = "OVERLAP_KERNEL_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
 SEND_WARPS_ENV = "OVERLAP_CUDA_SEND_WARPS"
+SEND_CHUNK_ENV = "OVERLAP_CUDA_SEND_CHUNK"
 FP8_BLOCK = 128             # channels per fp32 scale of the FP8 dispatch
 _INITIAL_ELEMENT_SIZE = 2   # bf16 rows; grows (collectively) on the first wider dtype
 _INITIAL_TOPK = 8
@@ -74,19 +77,27 @@ def kernel_timeout_s() -> float:
     return value
 
 
-def send_warps_from_env(num_warps: int, default: int) -> int:
-    """Warps per block that send (the rest receive), from ``OVERLAP_CUDA_SEND_WARPS``."""
-    raw = os.environ.get(SEND_WARPS_ENV, "")
+def _int_env(name: str, default: int, lo: int, hi: int, what: str) -> int:
+    raw = os.environ.get(name, "")
     if raw == "":
         return default
     try:
         value = int(raw)
     except ValueError:
-        value = 0
-    if not 1 <= value < num_warps:
-        raise ValueError(f"{SEND_WARPS_ENV}={raw!r} must be an integer in [1, {num_warps - 1}] "
-                         f"(warps per block that send; the other {num_warps} - it receive)")
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={raw!r} must be an integer in [{lo}, {hi}] ({what})")
     return value
+
+
+def send_split_from_env(num_warps: int, default_warps: int, max_chunk: int, default_chunk: int) -> tuple[int, int]:
+    """``(send_warps, send_chunk)`` of the kernels: warps per block that send (the rest
+    receive), from ``OVERLAP_CUDA_SEND_WARPS``, and rows a sender warp sends before one fence
+    and their arrival flags, from ``OVERLAP_CUDA_SEND_CHUNK``."""
+    warps = _int_env(SEND_WARPS_ENV, default_warps, 1, num_warps - 1,
+                     f"warps per block that send; the other {num_warps} - it receive")
+    chunk = _int_env(SEND_CHUNK_ENV, default_chunk, 1, max_chunk, "rows a sender warp sends per fence")
+    return warps, chunk
 
 
 class _RegionLayout:
@@ -149,7 +160,7 @@ class CudaBackend(EPBackend):
         self._status = None
         self._status_ptr = 0
         self._signal_bytes = self._canary_offset = 0
-        self._send_warps = 0
+        self._send_warps = self._send_chunk = 0
 
     # ------------------------------------------------------------------------------------ setup
     def check_group(self, buffer) -> None:
@@ -157,9 +168,9 @@ class CudaBackend(EPBackend):
             raise ValueError(f"backend={self.name!r} needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
         if "nccl" not in str(dist.get_backend(buffer.group)).lower():
             raise ValueError(f"backend={self.name!r} needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
-        signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps = \
-            torch.ops.overlap.intranode_layout()
-        self._send_warps = send_warps_from_env(num_warps, send_warps)
+        (signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps, max_chunk,
+         send_chunk) = torch.ops.overlap.intranode_layout()
+        self._send_warps, self._send_chunk = send_split_from_env(num_warps, send_warps, max_chunk, send_chunk)
         if buffer.world_size > max_ranks:
             raise ValueError(f"backend={self.name!r} supports at most {max_ranks} ranks, the group has {buffer.world_size}")
         # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
@@ -345,12 +356,13 @@ class CudaBackend(EPBackend):
                          row_stride, recv_scales) -> None:
         self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
                      recv_x, recv_idx, recv_w, counts, *self._op_args(self.buffer.num_sms), regions.x_offset,
-                     row_stride, regions.meta_offset, regions.dispatch_flags_offset, self._send_warps, recv_scales)
+                     row_stride, regions.meta_offset, regions.dispatch_flags_offset, self._send_warps, self._send_chunk,
+                     recv_scales)
 
     def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
         self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, matrix, peers, out,
                      *self._op_args(self.buffer.num_sms), regions.combine_offset, row_stride,
-                     regions.combine_flags_offset, self._send_warps)
+                     regions.combine_flags_offset, self._send_warps, self._send_chunk)
 
     # ------------------------------------------------------------------------------------ combine
     def combine(self, y, handle: DispatchHandle, *, async_op: bool):
