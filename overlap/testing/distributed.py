@@ -112,7 +112,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, backend
                     except queue_mod.Empty:
                         for r in dead:
                             failures[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
-                        continue
+                        break  # the others may block forever in a collective with it: stop now
                 else:
                     continue
             (results if ok else failures)[rank] = payload

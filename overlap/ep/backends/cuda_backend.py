@@ -10,9 +10,9 @@ straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.
 - combine = one kernel: rows go back to their source ranks, which sum them in fp32.
 
 Inside each dispatch and combine kernel the warps of every block split into senders and
-receivers (``OVERLAP_CUDA_SEND_WARPS`` of 16 send, default 8), and every row carries an
+receivers (``OVERLAP_CUDA_SEND_WARPS`` of 16 send, default 6), and every row carries an
 arrival flag, raised after each ``OVERLAP_CUDA_SEND_CHUNK`` rows a sender warp sent (default
-4; one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
+8; one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
 the GPU.
 
 Kernels run on a communication stream of the buffer, ordered after the caller's stream by
