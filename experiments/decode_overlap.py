@@ -6,16 +6,22 @@
 Each micro-batch (128 tokens per GPU by default) runs an MLA-like attention split in two parts
 (part 1: q/kv down- and up-projections and a memory-bound attention core over a KV cache;
 part 2: per-head value up-projection and the output projection), then a low-latency dispatch,
-the experts (identity here: the study is about communication) and a combine. Steady state per
-layer, on one stream, every flight covered by the other micro-batch's compute:
+the experts (identity here: the study is about communication) and a combine. Per layer, on one
+stream, every transfer of one micro-batch flies under an attention part of the other:
 
     A.part1 | dB flies ; hook dB, send cB ; A.part2 | cB flies ; hook cB, send dA ;
     B.part1 | dA flies ; hook dA, send cA ; B.part2 | cA flies ; hook cA, send dB (next layer)
 
-Three schedules are timed under CUDA-graph replay (per-layer time = replay / layers):
-`compute_only` (no communication), `sequential` (every transfer waited for at once) and
-`overlapped` (above), for each transport. `sms_during_flight` = SMs our communication holds
-while data is in flight (0 for copy engines). Writes decode_overlap_ws{N}.json.
+B's first attention (fill) and A's last two transfers (drain) are exposed once per replay. Three
+schedules run under CUDA-graph replay, for each transport: `compute_only` (the same attention
+work, no communication), `sequential` (every transfer waited for at once: the layer without
+overlap) and `overlapped` (above). Each is captured with two layer counts L_lo < L_hi and the
+per-layer time is the slope (replay(L_hi) - replay(L_lo)) / (L_hi - L_lo): the steady state,
+with fill and drain cancelled. The slowest rank's median replay counts. `sms_during_flight` =
+SMs our communication holds while data is in flight (0 for copy engines; the send kernel's
+blocks for sm; unknown, None, for NCCL's own kernel). Target (issue 5, 4 H200): overlapped at
+most 1.1x compute_only. Writes decode_overlap_ws{N}.json; lockstep cases, per-case stall guard
+and partial results as in decode_bench.py.
 """
 from __future__ import annotations
 
@@ -24,15 +30,15 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, _HERE)
 
-from overlap.bench import make_meta, time_graph_replay, write_results  # noqa: E402
-from overlap.testing import run_distributed  # noqa: E402
+from decode_bench import (CaseRunner, ResultsSink, add_run_arguments, check_run_arguments, launch,  # noqa: E402
+                          rank_device, release, sms_in_flight, time_case)
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-TRANSPORTS = ("copy_engine", "sm", "nccl")
+TARGET_RATIO = 1.1   # overlapped / compute_only, issue 5 (4 H200)
 
 
 class MLALikeAttention:
@@ -68,103 +74,178 @@ class MLALikeAttention:
         return v @ self.wo                                                    # [T, hidden]
 
 
+def make_micro_batches(tokens, hidden, experts, topk, seed, device):
+    """Micro-batches A and B: bf16 activations and a uniform top-k routing with softmax weights."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    mbs = {}
+    for name in "AB":
+        idx = torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices.to(device)
+        w = torch.softmax(torch.randn(tokens, topk, generator=gen), dim=1).to(device)
+        mbs[name] = {"x": (torch.randn(tokens, hidden, generator=gen) * 0.5).to(device, torch.bfloat16),
+                     "idx": idx, "w": w}
+    return mbs
+
+
+# ------------------------------------------------------------------------------------ schedules
+# `ll` is a LowLatencyEP (or anything with its dispatch/combine signature). The experts are the
+# identity: a micro-batch's MoE output is the combine of its own dispatched rows.
+def run_compute_only(attn, mbs, layers):
+    """Both micro-batches' attention for ``layers`` layers, no communication."""
+    xa, xb = mbs["A"]["x"], mbs["B"]["x"]
+    for _ in range(layers):
+        xa = attn.part2(attn.part1(xa))
+        xb = attn.part2(attn.part1(xb))
+    return xa, xb
+
+
+def run_sequential(attn, ll, mbs, layers, transport):
+    """Attention, then dispatch and combine waited for at once, A then B: the layer without overlap."""
+    def moe(x, m):
+        recv, _, handle, _ = ll.dispatch(x, m["idx"], m["w"], transport=transport)
+        return ll.combine(recv, None, None, handle)[0]
+
+    xa, xb = mbs["A"]["x"], mbs["B"]["x"]
+    for _ in range(layers):
+        xa = moe(attn.part2(attn.part1(xa)), mbs["A"])
+        xb = moe(attn.part2(attn.part1(xb)), mbs["B"])
+    return xa, xb
+
+
+def run_overlapped(attn, ll, mbs, layers, transport):
+    """The module docstring's schedule: the same work as :func:`run_sequential`, and the same
+    result, with each transfer of one micro-batch in flight under an attention part of the other."""
+    A, B = mbs["A"], mbs["B"]
+
+    def send_dispatch(x, m):
+        recv, _, handle, hook = ll.dispatch(x, m["idx"], m["w"], return_recv_hook=True, transport=transport)
+        return recv, handle, hook
+
+    def send_combine(recv, handle):
+        return ll.combine(recv, None, None, handle, return_recv_hook=True)
+
+    xa, xb = A["x"], None
+    rb, hb, hook_db = send_dispatch(attn.part2(attn.part1(B["x"])), B)   # fill: B's layer-0 attention
+    for layer in range(layers):
+        last = layer + 1 == layers
+        a1 = attn.part1(xa)                          # dB flies
+        hook_db()
+        xb, hook_cb = send_combine(rb, hb)
+        a2 = attn.part2(a1)                          # cB flies
+        hook_cb()
+        ra, ha, hook_da = send_dispatch(a2, A)
+        b1 = None if last else attn.part1(xb)        # dA flies (drain: nothing left to cover it)
+        hook_da()
+        xa, hook_ca = send_combine(ra, ha)
+        b2 = None if last else attn.part2(b1)        # cA flies
+        hook_ca()
+        if not last:
+            rb, hb, hook_db = send_dispatch(b2, B)
+    return xa, xb
+
+
+# ------------------------------------------------------------------------------------ rank body
 def _rank(rank, world_size, args):
+    dev = rank_device()
+    runner = CaseRunner(rank, world_size, "decode_overlap", case_timeout_s=args.case_timeout,
+                        finish=torch.cuda.synchronize)
+    sink = ResultsSink(rank, args, "decode_overlap", timing=args.timing, case_timeout_s=args.case_timeout,
+                       tokens_per_micro_batch=args.tokens, ctx=args.ctx, heads=args.heads, experts_compute="identity",
+                       layers_lo=args.layers[0], layers_hi=args.layers[1], target_ratio=TARGET_RATIO)
+    kept = []   # buffers live until teardown (peers map them until then)
+    _study(runner, sink, kept, args, rank, world_size, dev)
+    runner.close(lambda: release(kept, runner))
+    sink.save(partial=False)
+    return sink.rows if rank == 0 else None
+
+
+def _study(runner, sink, kept, args, rank, world_size, dev):
+    T, H, E, K = args.tokens, args.hidden, args.experts, args.topk
+    lo, hi = args.layers
+    base = {"op": "decode_layer", "num_tokens": T, "micro_batches": 2, "hidden": H, "topk": K, "num_experts": E,
+            "heads": args.heads, "ctx": args.ctx, "dtype": "bf16", "layers_lo": lo, "layers_hi": hi,
+            "timing": ("cuda_graph_replay" if args.timing == "graph" else "eager")
+                      + ", per layer = (replay(L_hi) - replay(L_lo)) / (L_hi - L_lo)", "world_size": world_size}
+    work = {}
+
+    def setup_compute():
+        work["attn"] = MLALikeAttention(H, args.heads, args.ctx, T, dev)
+        work["mbs"] = make_micro_batches(T, H, E, K, seed=10 + rank, device=dev)
+
+    def per_layer(label, make_fn, check=None):
+        """Replay time (slowest rank) at L_lo and L_hi, one case each -> (row fields, error text)."""
+        times = {}
+        for L in (lo, hi):
+            def case(L=L):
+                t = time_case(make_fn(L), args, runner.control)
+                if check is not None:
+                    check()   # a kernel timeout during the replays surfaces here, naming this case
+                return t
+
+            res = runner.run(f"{label}, L={L}", case)
+            if not res.ok:
+                return None, res.error_text()[:500]
+            times[L] = max(t["time_us"] for t in res.values)
+        return {"replay_us_lo": times[lo], "replay_us_hi": times[hi],
+                "time_us": (times[hi] - times[lo]) / (hi - lo)}, None
+
+    compute_row = {**base, "schedule": "compute_only", "backend": "none", "transport": None}
+    res = runner.run("compute setup (attention weights, KV cache, micro-batches)", setup_compute)
+    if not res.ok:
+        sink.add({**compute_row, "error": res.error_text()[:500]})
+        return
+    attn, mbs = work["attn"], work["mbs"]
+    compute, err = per_layer("compute_only", lambda L: (lambda: run_compute_only(attn, mbs, L)))
+    if compute is None:
+        sink.add({**compute_row, "error": err})
+        return
+    sink.add({**compute_row, "num_sms": None, "sms_during_flight": None, **compute, "ratio_to_compute_only": 1.0})
+
+    sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
+    for transport in args.transports:
+        where = {**base, "backend": f"ll_{transport}", "transport": transport}
+        holder = {}
+        kept.append(holder)
+        res = runner.run(f"{transport}: setup (EPBuffer, low-latency state)",
+                         lambda holder=holder: holder.update(_setup_transport(args, dev)))
+        if not res.ok:
+            sink.add({**where, "schedule": "setup", "error": res.error_text()[:500]})
+            continue
+        ll = holder["ll"]
+        per_op = [sms_in_flight(transport, op, T, world_size, T, H, sm_count) for op in ("dispatch", "combine")]
+        sms = None if None in per_op else max(per_op)
+        measured = {}
+        for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
+            fields, err = per_layer(f"{transport}: {schedule}",
+                                    lambda L, run=run, tr=transport: (lambda: run(attn, ll, mbs, L, tr)),
+                                    check=ll.check_status)
+            if fields is None:
+                sink.add({**where, "schedule": schedule, "error": err})
+                break   # this transport's state may be out of step: leave it
+            measured[schedule] = fields["time_us"]
+            row = {**where, "schedule": schedule, "num_sms": sms, "sms_during_flight": sms, **fields,
+                   "ratio_to_compute_only": fields["time_us"] / compute["time_us"],
+                   "exposed_us_per_layer": fields["time_us"] - compute["time_us"]}
+            if schedule == "overlapped":
+                row["target_ratio"] = TARGET_RATIO
+                row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
+                comm = measured["sequential"] - compute["time_us"]
+                if comm > 0:
+                    # Share of the sequential layer's communication time that the overlap hid.
+                    row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
+            sink.add(row)
+
+
+def _setup_transport(args, dev):
+    """A fresh EPBuffer and its low-latency state (collective, outside any capture)."""
     from overlap.ep import EPBuffer
     from overlap.ep.low_latency import low_latency_state
 
-    dev = torch.device("cuda", torch.cuda.current_device())
-    T, H, E, K = args.tokens, args.hidden, args.experts, args.topk
-    buf = EPBuffer(None, num_experts=E, hidden=H, max_tokens_per_rank=T, backend="torch", validate_values=False,
-                   device=dev)
-    ll = low_latency_state(buf)
-    attn = MLALikeAttention(H, args.heads, args.ctx, T, dev)
-    gen = torch.Generator(device="cpu").manual_seed(10 + rank)
-    mb = {}
-    for name in "AB":
-        idx = torch.rand(T, E, generator=gen).topk(K, dim=1).indices.to(dev)
-        w = torch.softmax(torch.randn(T, K, generator=gen), dim=1).to(dev)
-        mb[name] = {"x": (torch.randn(T, H, generator=gen) * 0.5).to(dev, torch.bfloat16), "idx": idx, "w": w}
-
-    def compute_only():
-        xa, xb = mb["A"]["x"], mb["B"]["x"]
-        for _ in range(args.layers):
-            xa = attn.part2(attn.part1(xa))
-            xb = attn.part2(attn.part1(xb))
-        return xa, xb
-
-    def moe(name, x, transport, hooked):
-        """dispatch -> identity experts -> combine; hooked=True waits for every transfer at once."""
-        m = mb[name]
-        recv, _, handle, hook = ll.dispatch(x, m["idx"], m["w"], return_recv_hook=not hooked, transport=transport)
-        hook()
-        out, chook = ll.combine(recv, None, None, handle, return_recv_hook=not hooked)
-        chook()
-        return out
-
-    def sequential(transport):
-        xa, xb = mb["A"]["x"], mb["B"]["x"]
-        for _ in range(args.layers):
-            xa = moe("A", attn.part2(attn.part1(xa)), transport, True)
-            xb = moe("B", attn.part2(attn.part1(xb)), transport, True)
-        return xa, xb
-
-    def overlapped(transport):
-        A, B = mb["A"], mb["B"]
-        # Prologue: B's first attention and dispatch (exposed once per replay, not per layer).
-        xb_att = attn.part2(attn.part1(B["x"]))
-        rb, _, hb, hook_db = ll.dispatch(xb_att, B["idx"], B["w"], return_recv_hook=True, transport=transport)
-        xa = A["x"]
-        for layer in range(args.layers):
-            a1 = attn.part1(xa)                                        # dB flies
-            hook_db()
-            xb, hook_cb = ll.combine(rb, None, None, hb, return_recv_hook=True)
-            xa_att = attn.part2(a1)                                    # cB flies
-            hook_cb()
-            ra, _, ha, hook_da = ll.dispatch(xa_att, A["idx"], A["w"], return_recv_hook=True, transport=transport)
-            b1 = attn.part1(xb)                                        # dA flies
-            hook_da()
-            xa, hook_ca = ll.combine(ra, None, None, ha, return_recv_hook=True)
-            xb_att = attn.part2(b1)                                    # cA flies
-            hook_ca()
-            if layer + 1 < args.layers:
-                rb, _, hb, hook_db = ll.dispatch(xb_att, B["idx"], B["w"], return_recv_hook=True, transport=transport)
-        return xa, xb_att
-
-    def reduce_max(v):
-        t = torch.tensor([float(v)], dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t.item())
-
-    timed = [("compute_only", None, compute_only)]
-    for transport in args.transports:
-        timed.append(("sequential", transport, lambda tr=transport: sequential(tr)))
-        timed.append(("overlapped", transport, lambda tr=transport: overlapped(tr)))
-    pack_blocks = max(1, min((T * ((H + 1023) // 1024) + 3) // 4, 1024))
-    sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
-    rows, base = [], None
-    for schedule, transport, fn in timed:
-        try:
-            t = time_graph_replay(fn, warmup=args.warmup, iters=args.iters, replays_per_sample=2)
-        except Exception as exc:  # e.g. a NCCL build that cannot be captured (nccl runs last)
-            if transport != "nccl" or transport != args.transports[-1]:
-                raise
-            print(f"[decode_overlap] rank {rank}: {schedule}/{transport} failed: {exc}", flush=True)
-            rows.append({"op": "error", "schedule": schedule, "transport": transport, "error": str(exc)[:200],
-                         "world_size": world_size})
-            break
-        per_layer = reduce_max(t["time_us"]) / args.layers
-        if schedule == "compute_only":
-            base = per_layer
-        sms = None if transport is None else {"copy_engine": 0, "sm": min(pack_blocks, sm_count), "nccl": None}[transport]
-        rows.append({"op": "decode_layer", "schedule": schedule, "backend": f"ll_{transport}" if transport else "none",
-                     "transport": transport, "num_sms": sms, "sms_during_flight": sms, "num_tokens": T,
-                     "micro_batches": 2, "hidden": H, "topk": K, "num_experts": E, "dtype": "bf16",
-                     "layers": args.layers, "time_us": per_layer, "ratio_to_compute_only": per_layer / base,
-                     "timing": "cuda_graph_replay", "world_size": world_size})
-    ll.check_status()
-    return rows if rank == 0 else None
+    buf = EPBuffer(None, num_experts=args.experts, hidden=args.hidden, max_tokens_per_rank=args.tokens,
+                   backend="torch", validate_values=False, device=dev)
+    return {"buf": buf, "ll": low_latency_state(buf)}
 
 
+# ------------------------------------------------------------------------------------ driver
 def main(argv=None):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,29 +256,32 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--ctx", type=int, default=1024, help="KV-cache length each token attends over")
-    p.add_argument("--layers", type=int, default=4, help="layers per graph replay")
-    p.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--out", default=RESULTS_DIR)
+    p.add_argument("--layers", type=int, nargs=2, default=[2, 6], metavar=("L_LO", "L_HI"),
+                   help="the two layer counts captured per schedule; per-layer time is the slope between them")
+    add_run_arguments(p, warmup=3, iters=20)
     args = p.parse_args(argv)
-    if gpus < args.world_size:
-        p.error(f"--world-size {args.world_size} needs {args.world_size} GPUs; this machine has {gpus}")
-    rows = run_distributed(_rank, args.world_size, args, backend="nccl", timeout_s=900)[0]
+    lo, hi = args.layers
+    if not 1 <= lo < hi:
+        p.error(f"--layers needs 1 <= L_LO < L_HI, got {lo} {hi}")
+    check_run_arguments(p, args, gpus)
+    print(f"[decode_overlap] {args.world_size} GPUs: 2 micro-batches x {args.tokens} tokens/rank, hidden {args.hidden}, "
+          f"{args.heads} heads, ctx {args.ctx}, top-{args.topk} of {args.experts} experts, layers {lo} and {hi}, "
+          f"transports {' '.join(args.transports)}, timing {args.timing}", flush=True)
+    rows = launch("decode_overlap", _rank, args, argv)
     print(f"\n{'schedule':<14}{'transport':<13}{'SMs in flight':>14}{'us/layer':>10}{'x compute':>11}")
     for r in rows:
-        if r["op"] == "error":
-            print(f"{r['schedule']:<14}{r['transport']:<13} failed: {r['error']}")
+        if "time_us" not in r:
+            print(f"{r['schedule']:<14}{str(r.get('transport') or '-'):<13} failed: {r['error']}")
             continue
         sms = "-" if r["sms_during_flight"] is None else r["sms_during_flight"]
+        verdict = ""
+        if "meets_target" in r:
+            verdict = f"  target <= {TARGET_RATIO}: {'met' if r['meets_target'] else 'NOT met'}"
         print(f"{r['schedule']:<14}{str(r['transport'] or '-'):<13}{sms:>14}{r['time_us']:>10.1f}"
-              f"{r['ratio_to_compute_only']:>11.3f}")
-    command = "python experiments/decode_overlap.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = make_meta("decode_overlap", args.world_size, command=command, tokens_per_micro_batch=args.tokens,
-                     ctx=args.ctx, heads=args.heads, experts_compute="identity")
-    path = os.path.join(args.out, f"decode_overlap_ws{args.world_size}.json")
-    write_results(path, meta, rows)
-    print(f"[decode_overlap] wrote {path}")
+              f"{r['ratio_to_compute_only']:>11.3f}{verdict}")
+    print(f"[decode_overlap] wrote {args.results_path}", flush=True)
+    if any("time_us" not in r for r in rows):
+        sys.exit(1)
     return rows
 
 
