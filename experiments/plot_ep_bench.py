@@ -31,12 +31,17 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
     a2a = [r for r in rows if r["op"] == "all_to_all_single"]
     for ax, op in zip(axes, ("dispatch", "combine")):
         op_rows = [r for r in rows if r["op"] == op]
-        for backend, dtype in sorted({(r["backend"], r.get("dtype", "")) for r in op_rows}):
-            mine = [r for r in op_rows if r["backend"] == backend and r.get("dtype", "") == dtype]
+        # One line per (backend, dtype, dispatch sizing mode): "budget" rows skip the host sync.
+        series = sorted({(r["backend"], r.get("dtype", ""), r.get("mode") or "exact") for r in op_rows})
+        for backend, dtype, mode in series:
+            mine = [r for r in op_rows if r["backend"] == backend and r.get("dtype", "") == dtype
+                    and (r.get("mode") or "exact") == mode]
             pts = sorted((r["num_sms"], r["wire_gbps"]) for r in mine if r["num_sms"] is not None)
             flat = [r["wire_gbps"] for r in mine if r["num_sms"] is None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} {dtype}")
+                label = f"{backend} {dtype}" + (" (num_worst_tokens)" if mode == "budget" else "")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        linestyle="--" if mode == "budget" else "-")
             for v in flat:
                 ax.axhline(v, linestyle=":", color="gray", label=f"{backend} {dtype} (SMs chosen by NCCL)")
         for r in a2a:
@@ -44,7 +49,7 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
         ax.set_title(op)
         ax.set_xlabel("num_sms")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
     axes[0].set_ylabel("wire GB/s per GPU (bytes to other GPUs)")
     r0 = rows[0]
     fig.suptitle(f"{meta.get('device')} x{meta['world_size']}: {r0['num_tokens']} tokens/rank, hidden {r0['hidden']}, "
