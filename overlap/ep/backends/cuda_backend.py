@@ -29,13 +29,13 @@ capturing (the first call allocates the symmetric buffer, collectively).
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from overlap.ep.backends.base import DispatchOutput, EPBackend, register_backend
+from overlap.ep.backends.env import env_number
 from overlap.ep.events import EPEvent
 from overlap.ep.handle import DispatchHandle
 from overlap.ep.layout import RoutingLayout
@@ -65,38 +65,18 @@ def _align(n: int, a: int) -> int:
 
 def kernel_timeout_s() -> float:
     """The spin-wait bound from ``OVERLAP_KERNEL_TIMEOUT_S`` (seconds, default 10)."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if raw == "":
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (value > 0 and value < 1e6):
-        raise ValueError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
-    return value
-
-
-def _int_env(name: str, default: int, lo: int, hi: int, what: str) -> int:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={raw!r} must be an integer in [{lo}, {hi}] ({what})")
-    return value
+    return env_number(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, float, lambda v: 0 < v < 1e6,
+                      "a positive number of seconds")
 
 
 def send_split_from_env(num_warps: int, default_warps: int, max_chunk: int, default_chunk: int) -> tuple[int, int]:
     """``(send_warps, send_chunk)`` of the kernels: warps per block that send (the rest
     receive), from ``OVERLAP_CUDA_SEND_WARPS``, and rows a sender warp sends before one fence
     and their arrival flags, from ``OVERLAP_CUDA_SEND_CHUNK``."""
-    warps = _int_env(SEND_WARPS_ENV, default_warps, 1, num_warps - 1,
-                     f"warps per block that send; the other {num_warps} - it receive")
-    chunk = _int_env(SEND_CHUNK_ENV, default_chunk, 1, max_chunk, "rows a sender warp sends per fence")
+    warps = env_number(SEND_WARPS_ENV, default_warps, int, lambda v: 1 <= v < num_warps,
+                       f"an integer in [1, {num_warps - 1}] (warps per block that send; the others receive)")
+    chunk = env_number(SEND_CHUNK_ENV, default_chunk, int, lambda v: 1 <= v <= max_chunk,
+                       f"an integer in [1, {max_chunk}] (rows a sender warp sends per fence)")
     return warps, chunk
 
 

@@ -17,12 +17,12 @@ that at once (plus fp32 accumulators).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from overlap.ep.backends.base import register_backend
 from overlap.ep.backends.cuda_backend import FP8_BLOCK, CudaBackend
+from overlap.ep.backends.env import env_number
 
 TILE_BYTES_ENV = "OVERLAP_TRITON_EP_TILE_BYTES"
 DEFAULT_TILE_BYTES = 65536
@@ -37,16 +37,8 @@ def _next_pow2(n: int) -> int:
 
 def tile_bytes() -> int:
     """Bytes per tile from ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536)."""
-    raw = os.environ.get(TILE_BYTES_ENV, "")
-    if raw == "":
-        return DEFAULT_TILE_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 16 or value > (1 << 22):
-        raise ValueError(f"{TILE_BYTES_ENV}={raw!r} must be an integer number of bytes in [16, 4194304]")
-    return value
+    return env_number(TILE_BYTES_ENV, DEFAULT_TILE_BYTES, int, lambda v: 16 <= v <= 1 << 22,
+                      "an integer number of bytes in [16, 4194304]")
 
 
 def tile_shape(hidden: int, element_size: int, budget_bytes: int, *, min_block_h: int = 16) -> tuple[int, int]:
