@@ -409,6 +409,15 @@ def reduce_row(row: dict, timings: list, wire: list, logical: list) -> dict:
 
 
 # ------------------------------------------------------------------------------------ driver
+def add_size_arguments(p: argparse.ArgumentParser, gpus: int, *, tokens_help: str) -> None:
+    """World size and the decode sizes (DESIGN.md section 5) every decode study takes."""
+    p.add_argument("--world-size", type=int, default=gpus or 2)
+    p.add_argument("--tokens", type=int, default=128, help=tokens_help)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, warmup: int, iters: int) -> None:
     """Options both decode scripts share: timing mode, counts, guards, output."""
     p.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
@@ -458,11 +467,7 @@ def launch(study: str, rank_fn, args, argv) -> list:
 def main(argv=None):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=int, default=gpus or 2)
-    p.add_argument("--tokens", type=int, default=128, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    add_size_arguments(p, gpus, tokens_help="tokens per rank")
     add_run_arguments(p, warmup=5, iters=30)
     args = p.parse_args(argv)
     check_run_arguments(p, args, gpus)

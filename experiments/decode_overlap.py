@@ -35,8 +35,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
-from decode_bench import (CaseRunner, ResultsSink, add_run_arguments, check_run_arguments, launch,  # noqa: E402
-                          rank_device, release, sms_in_flight, time_case)
+from decode_bench import (CaseRunner, ResultsSink, add_run_arguments, add_size_arguments,  # noqa: E402
+                          check_run_arguments, launch, rank_device, release, sms_in_flight, time_case)
 
 TARGET_RATIO = 1.1   # overlapped / compute_only, issue 5 (4 H200)
 
@@ -249,11 +249,7 @@ def _setup_transport(args, dev):
 def main(argv=None):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--world-size", type=int, default=gpus or 2)
-    p.add_argument("--tokens", type=int, default=128, help="tokens per micro-batch per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    add_size_arguments(p, gpus, tokens_help="tokens per micro-batch per rank")
     p.add_argument("--heads", type=int, default=128)
     p.add_argument("--ctx", type=int, default=1024, help="KV-cache length each token attends over")
     p.add_argument("--layers", type=int, nargs=2, default=[2, 6], metavar=("L_LO", "L_HI"),
