@@ -62,6 +62,13 @@ in::CommonParams common_params(const at::Tensor& peer_bases, const at::Device& d
   return c;
 }
 
+// The per-op tuning and profiling arguments every data kernel takes.
+void set_copy_options(in::CommonParams& c, int64_t copy_unroll, int64_t stamps_ptr) {
+  TORCH_CHECK(copy_unroll == 8 || copy_unroll == 16, "copy_unroll must be 8 or 16, got ", copy_unroll);
+  c.copy_unroll = static_cast<int>(copy_unroll);
+  c.stamps = reinterpret_cast<uint64_t*>(stamps_ptr);  // 0: no phase stamps
+}
+
 void check_send_split(int64_t send_warps, int64_t send_chunk) {
   TORCH_CHECK(send_warps >= 1 && send_warps < in::kWarps, "send_warps must be in [1, ", in::kWarps - 1,
               "] (the other warps of a block receive), got ", send_warps);
@@ -97,7 +104,8 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
                         const at::Tensor& recv_expert_counts, int64_t rank, int64_t num_blocks, int64_t max_tokens,
                         int64_t timeout_ns, int64_t status_ptr, int64_t x_region_offset, int64_t x_row_stride,
                         int64_t meta_region_offset, int64_t flag_region_offset, int64_t send_warps,
-                        int64_t send_chunk, const std::optional<at::Tensor>& recv_scales) {
+                        int64_t send_chunk, const std::optional<at::Tensor>& recv_scales, int64_t copy_unroll,
+                        int64_t stamps_ptr) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor");
   const at::Device device = x.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -114,6 +122,7 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
   p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, timeout_ns, status_ptr);
   const int64_t world = p.c.num_ranks;
   p.c.count_matrix = count_matrix_ptr(count_matrix, world, device);
+  set_copy_options(p.c, copy_unroll, stamps_ptr);
   check_cuda_tensor(token_slot, "token_slot", at::kInt, 2, device);
   TORCH_CHECK(token_slot.size(0) == num_tokens && token_slot.size(1) == world, "token_slot must be [", num_tokens,
               ", ", world, "], got ", token_slot.sizes());
@@ -162,7 +171,8 @@ void intranode_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, const a
 void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const at::Tensor& count_matrix,
                        const at::Tensor& peer_bases, const at::Tensor& out, int64_t rank, int64_t num_blocks,
                        int64_t max_tokens, int64_t timeout_ns, int64_t status_ptr, int64_t region_offset,
-                       int64_t row_stride, int64_t flag_region_offset, int64_t send_warps, int64_t send_chunk) {
+                       int64_t row_stride, int64_t flag_region_offset, int64_t send_warps, int64_t send_chunk,
+                       int64_t copy_unroll, int64_t stamps_ptr) {
   TORCH_CHECK(y.is_cuda(), "y must be a CUDA tensor");
   const at::Device device = y.device();
   const c10::cuda::CUDAGuard guard(device);
@@ -172,6 +182,7 @@ void intranode_combine(const at::Tensor& y, const at::Tensor& token_slot, const 
   p.c = common_params(peer_bases, device, rank, num_blocks, max_tokens, timeout_ns, status_ptr);
   const int64_t world = p.c.num_ranks, hidden = y.size(1);
   p.c.count_matrix = count_matrix_ptr(count_matrix, world, device);
+  set_copy_options(p.c, copy_unroll, stamps_ptr);
   check_cuda_tensor(out, "out", y.scalar_type(), 2, device);
   TORCH_CHECK(out.size(1) == hidden, "out must have hidden ", hidden);
   const int64_t num_tokens = out.size(0);
@@ -224,8 +235,9 @@ std::tuple<at::Tensor, int64_t> intranode_alloc_status(int64_t num_words) {
 }
 
 std::vector<int64_t> intranode_layout() {
-  return {in::kSignalBytes, in::kCanaryOffset,     in::kMaxRanks,         in::kStatusWords,
-          in::kWarps,       in::kDefaultSendWarps, in::kMaxSendChunk, in::kDefaultSendChunk};
+  return {in::kSignalBytes,       in::kCanaryOffset,       in::kMaxRanks,         in::kStatusWords,
+          in::kWarps,             in::kDefaultSendWarps,   in::kMaxSendChunk,     in::kDefaultSendChunk,
+          in::kDefaultFp8SendWarps, in::kDefaultCopyUnroll, in::kStampWords};
 }
 
 }  // namespace
@@ -239,11 +251,11 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
       "Tensor peer_bases, Tensor(a!) recv_x, Tensor(b!) recv_topk_idx, Tensor(c!) recv_topk_weights, "
       "Tensor(d!) recv_expert_counts, int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, "
       "int x_region_offset, int x_row_stride, int meta_region_offset, int flag_region_offset, int send_warps, "
-      "int send_chunk, Tensor(e!)? recv_scales=None) -> ()");
+      "int send_chunk, Tensor(e!)? recv_scales=None, int copy_unroll=16, int stamps_ptr=0) -> ()");
   m.def(
       "intranode_combine(Tensor y, Tensor token_slot, Tensor count_matrix, Tensor peer_bases, Tensor(a!) out, "
       "int rank, int num_blocks, int max_tokens, int timeout_ns, int status_ptr, int region_offset, int row_stride, "
-      "int flag_region_offset, int send_warps, int send_chunk) -> ()");
+      "int flag_region_offset, int send_warps, int send_chunk, int copy_unroll=16, int stamps_ptr=0) -> ()");
   m.def("intranode_read_peer_u64(Tensor peer_bases, int offset) -> Tensor");
   // No tensor arguments: these register as catch-all kernels.
   m.def("intranode_alloc_status(int num_words) -> (Tensor, int)", &intranode_alloc_status);

@@ -12,7 +12,7 @@
 set -uo pipefail
 OUTDIR=${1:?usage: device_suite.sh OUTDIR [--tests-only|--bench-only] [--ws "2 4"] [-k EXPR]}
 shift
-MODE=all; WS=""; KEXPR=""; TESTS="tests"; STUDIES="ep_bench pipeline_step_time eplb_zipf moe_overlap decode_bench decode_overlap sm_ablation capture_traces triton"
+MODE=all; WS=""; KEXPR=""; TESTS="tests"; STUDIES="link_probe kernel_phases ep_bench pipeline_step_time eplb_zipf moe_overlap decode_bench decode_overlap sm_ablation capture_traces triton"
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests-only) MODE=tests ;;
@@ -61,7 +61,8 @@ if [ "$MODE" != tests ]; then
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     fi
     # Each study takes --world-size and --out; extra flags per script after the colon.
-    for entry in "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
+    for entry in "experiments/link_probe.py:" "experiments/kernel_phases.py:" \
+                 "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
                  "experiments/moe_overlap.py:--figures $OUTDIR/results" "experiments/decode_bench.py:" \
                  "experiments/decode_overlap.py:" "experiments/sm_ablation.py:--fig-dir $OUTDIR/results" \
                  "experiments/capture_traces.py:--figures $OUTDIR/results"; do

@@ -74,8 +74,7 @@ def _bench_rank(rank, world_size, args):
             buf = EPBuffer(group, num_experts=args.experts, hidden=args.hidden, max_tokens_per_rank=args.tokens,
                            backend=backend, num_sms=num_sms or 20, validate_values=False, device=device)
             budget = world_size * args.tokens if mode == "budget" else None
-            send_warps = getattr(buf._backend, "_send_warps", None) if backend == "cuda" else None
-            send_chunk = getattr(buf._backend, "_send_chunk", None) if backend == "cuda" else None
+            tuning = getattr(buf._backend, "tuning", None) if backend == "cuda" else None
             recv_x, recv_idx, recv_w, counts, handle = buf.dispatch(x, idx, w)
             lay = handle.layout
             sent_rows = lay.num_tokens_per_rank.to(torch.int64)
@@ -98,8 +97,11 @@ def _bench_rank(rank, world_size, args):
             for op, t, wire, logical, nbytes, dtype_name in timed:
                 time_us = gather_max(t["time_us"])
                 wire_b, logical_b = gather_mean(wire * nbytes), gather_mean(logical * nbytes)
-                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode, "send_warps": send_warps,
-                             "send_chunk": send_chunk,
+                rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode,
+                             "send_warps": (None if tuning is None else
+                                            tuning.fp8_send_warps if dtype_name == "fp8" else tuning.send_warps),
+                             "send_chunk": None if tuning is None else tuning.send_chunk,
+                             "copy_unroll": None if tuning is None else tuning.copy_unroll,
                              "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                              "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
@@ -122,7 +124,7 @@ def _bench_rank(rank, world_size, args):
     time_us = gather_max(t["time_us"])
     wire_b, logical_b = gather_mean(wire_rows * row_bytes), gather_mean(recv.shape[0] * row_bytes)
     rows.append({"op": "all_to_all_single", "backend": "nccl" if on_gpu else "gloo", "num_sms": None, "mode": "exact",
-                 "send_warps": None, "send_chunk": None, "dtype": args.dtype,
+                 "send_warps": None, "send_chunk": None, "copy_unroll": None, "dtype": args.dtype,
                  "time_us": time_us, "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                  "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                  "min_us": gather_max(t["min_us"]), "iters": args.iters})

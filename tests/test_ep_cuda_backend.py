@@ -4,6 +4,8 @@ unavailable, its timeout setting, its buffer layout, and the FP8 reference it is
 Its GPU tests (oracle cases, equality with the reference backend, back-to-back calls, FP8,
 timeouts that raise) are shared with every kernel backend: tests/test_ep_kernel_backends.py.
 """
+import os
+
 import pytest
 import torch
 
@@ -109,18 +111,42 @@ def test_fp8_reference_quantisation():
 
 
 
-def test_send_split_env(monkeypatch):
-    from overlap.ep.backends.cuda_backend import send_split_from_env
+def test_kernel_tuning_env(monkeypatch):
+    from overlap.ep.backends.cuda_backend import KernelTuning
 
-    monkeypatch.delenv("OVERLAP_CUDA_SEND_WARPS", raising=False)
-    monkeypatch.delenv("OVERLAP_CUDA_SEND_CHUNK", raising=False)
-    assert send_split_from_env(16, 8, 32, 4) == (8, 4)
-    monkeypatch.setenv("OVERLAP_CUDA_SEND_WARPS", "12")
-    monkeypatch.setenv("OVERLAP_CUDA_SEND_CHUNK", "1")
-    assert send_split_from_env(16, 8, 32, 4) == (12, 1)
+    names = ("OVERLAP_CUDA_SEND_WARPS", "OVERLAP_CUDA_FP8_SEND_WARPS", "OVERLAP_CUDA_SEND_CHUNK",
+             "OVERLAP_CUDA_COPY_UNROLL", "OVERLAP_CUDA_STAMPS")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+
+    def tuning():
+        return KernelTuning.from_env(16, 6, 32, 8, 10, 16)
+
+    assert tuning() == KernelTuning(send_warps=6, fp8_send_warps=10, send_chunk=8, copy_unroll=16, stamps=False)
+    for name, value in zip(names, ("12", "3", "1", "8", "1")):
+        monkeypatch.setenv(name, value)
+    assert tuning() == KernelTuning(send_warps=12, fp8_send_warps=3, send_chunk=1, copy_unroll=8, stamps=True)
     for name, bad in (("OVERLAP_CUDA_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_WARPS", "0"),
-                      ("OVERLAP_CUDA_SEND_CHUNK", "33"), ("OVERLAP_CUDA_SEND_CHUNK", "x")):
+                      ("OVERLAP_CUDA_FP8_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_CHUNK", "33"),
+                      ("OVERLAP_CUDA_SEND_CHUNK", "x"), ("OVERLAP_CUDA_COPY_UNROLL", "12"),
+                      ("OVERLAP_CUDA_STAMPS", "yes")):
+        good = os.environ[name]
         monkeypatch.setenv(name, bad)
         with pytest.raises(ValueError, match=name):
-            send_split_from_env(16, 8, 32, 4)
-        monkeypatch.setenv(name, "4")
+            tuning()
+        monkeypatch.setenv(name, good)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_tuning_variants_and_phase_stamps(world_size):
+    from overlap.testing import assert_ranks_pass, gpu_world_sizes
+    from overlap.testing.ep_kernel_checks import cuda_tuning_variants
+
+    if world_size not in gpu_world_sizes((1, 2, 4)):
+        pytest.skip(f"needs {world_size} GPUs")
+    variants = [{"OVERLAP_CUDA_COPY_UNROLL": "8", "OVERLAP_CUDA_STAMPS": "1"},
+                {"OVERLAP_CUDA_SEND_WARPS": "3", "OVERLAP_CUDA_FP8_SEND_WARPS": "13", "OVERLAP_CUDA_SEND_CHUNK": "1"},
+                {"OVERLAP_CUDA_STAMPS": "1"}]
+    assert_ranks_pass(cuda_tuning_variants, world_size, variants, backend="nccl", timeout_s=300)

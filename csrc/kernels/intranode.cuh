@@ -35,6 +35,10 @@
 // Every wait is bounded by a %globaltimer deadline; a timeout writes {code, peer, seq, kind} to
 // a host-mapped status word and the block stops; later kernels see the sticky error word and
 // exit at once.
+//
+// Phase stamps (optional, CommonParams::stamps): lane 0 of every warp records %globaltimer at
+// the phases below, so a run can say where a kernel's time goes (handshake, sending, waiting
+// for rows, the tail) without hardware counters. Off (nullptr) costs one branch per row.
 #pragma once
 
 #include "common.cuh"
@@ -48,6 +52,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kDefaultSendWarps = 6;     // of kWarps; the rest receive (best of a sweep on 2 H200)
 constexpr int kMaxSendChunk = 32;        // rows a sender warp sends before one fence and their flags
 constexpr int kDefaultSendChunk = 8;
+constexpr int kDefaultFp8SendWarps = 10;  // the quantising send is arithmetic-bound: more warps send
+constexpr int kDefaultCopyUnroll = 16;   // 16-byte vectors per lane in flight in a receiver's copy (8 or 16)
 constexpr int64_t kReadyOffset = 0;      // u64 ready[kMaxRanks]
 constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks] (Triton kernels)
 constexpr int64_t kErrorOffset = 1024;   // int32 sticky error word (local only)
@@ -71,6 +77,19 @@ enum StatusWord : int { kStatusCode = 0, kStatusPeer = 1, kStatusSeq = 2, kStatu
 // the rows that arrived).
 enum ErrorCode : int { kNoError = 0, kReadyTimeout = 1, kDataTimeout = 2, kOpMismatch = 3, kBudgetExceeded = 4 };
 
+// Phase stamps: kStampWords u64 per warp, at stamps[(block * kWarps + warp) * kStampWords + word].
+enum StampWord : int {
+  kStampStart = 0,      // kernel entry
+  kStampReady = 1,      // ready handshake passed
+  kStampFirstRow = 2,   // first row sent (senders) or first flag seen up (receivers); 0 if none
+  kStampRoleDone = 3,   // the warp's last row sent and flagged, or received
+  kStampWaitNs = 4,     // receivers: ns spent waiting for flags; senders: ns spent in fences
+  kStampRows = 5,       // rows the warp moved
+  kStampRole = 6,       // 0 sender, 1 receiver
+  kStampEnd = 7,        // block end (after the block-wide barrier), every warp
+  kStampWords = 8
+};
+
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 // constexpr: device code calls it too (nvcc runs with --expt-relaxed-constexpr).
 constexpr int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
@@ -86,6 +105,9 @@ struct CommonParams {
   const int* count_matrix = nullptr;    // device [num_ranks, num_ranks]: tokens rank s sends to rank d
                                         // (unused by notify, which produces it)
   int* status_host = nullptr;     // host-mapped int32[kStatusWords], device-side pointer
+  uint64_t* stamps = nullptr;     // device [num_blocks * kWarps * kStampWords] phase stamps, or nullptr: off
+  int copy_unroll = kDefaultCopyUnroll;  // 8 or 16 vectors per lane in flight in a dispatch receiver's
+                                         // bf16/fp16/fp32 row copy (every other copy keeps 8: registers)
 };
 
 // A dispatch moves each token row either as it is (recv_scales == nullptr), or quantised on
@@ -136,7 +158,8 @@ struct CombineParams {
 
 inline bool common_params_ok(const CommonParams& c) {
   return c.num_ranks >= 1 && c.num_ranks <= kMaxRanks && c.rank >= 0 && c.rank < c.num_ranks && c.num_blocks >= 1 &&
-         c.max_tokens >= 0 && c.timeout_ns > 0 && c.peer_bases != nullptr && c.status_host != nullptr;
+         c.max_tokens >= 0 && c.timeout_ns > 0 && c.peer_bases != nullptr && c.status_host != nullptr &&
+         (c.copy_unroll == 8 || c.copy_unroll == 16);
 }
 
 inline bool send_warps_ok(int send_warps, int send_chunk) {

@@ -11,11 +11,12 @@ namespace {
 
 using namespace dev;
 
-constexpr int kReduceUnroll = 4;  // vectors per lane accumulated at once (fp32 registers)
+constexpr int kReduceUnroll = 4;    // vectors per lane accumulated at once (fp32 registers)
+constexpr int kSendBackUnroll = 8;  // vectors per lane in flight when a row goes back
 
-template <typename V>
+template <typename V, int kUnroll>
 __device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
-                          int64_t most_from_a_peer, int lane) {
+                          int64_t most_from_a_peer, WarpStamps& stamps, int lane) {
   const CommonParams& c = p.c;
   const int W = c.num_ranks;
   const int64_t n_vec = p.hidden * dtype_size(p.dtype) / static_cast<int64_t>(sizeof(V));
@@ -25,6 +26,7 @@ __device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s
   const int64_t items = W * most_from_a_peer;
   for (int64_t c0 = rw.index * C; c0 < items; c0 += rw.count * C) {
     uint64_t* flag = nullptr;  // lane j: the arrival flag of the chunk's j-th row
+    int sent = 0;
     for (int j = 0; j < C && c0 + j < items; ++j) {
       const int64_t w = c0 + j;
       const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
@@ -32,18 +34,22 @@ __device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s
       const int src = static_cast<int>(w % W);
       const int64_t row = c.rank * c.max_tokens + (i - s_recv_start[src]);
       const int64_t dst = s_peer[src] + p.region_offset + row * p.row_stride;
-      warp_copy_row<V, true>(y + i * n_vec, dst, 1u, n_vec, lane);
+      warp_copy_row<V, true, kUnroll>(y + i * n_vec, dst, 1u, n_vec, lane);
       if (lane == j) flag = reinterpret_cast<uint64_t*>(s_peer[src] + p.flag_region_offset) + row;
+      ++sent;
     }
     __syncwarp();  // every lane's stores of the chunk come before the fence
+    const uint64_t fence_start = stamps.now();
     fence_acq_rel_sys();
+    stamps.waited_since(fence_start);
     if (flag != nullptr) st_relaxed_sys(flag, seq);
+    if (sent > 0) stamps.moved(sent);
   }
 }
 
 template <typename T, int kVec>
 __device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_base, const int64_t* s_recv_start,
-                              int lane) {
+                              WarpStamps& stamps, int lane) {
   using V = typename VecOf<kVec>::type;
   using P = Packed<T, kVec>;
   const CommonParams& c = p.c;
@@ -58,6 +64,7 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_b
   for (int64_t t = rw.index; t < p.num_tokens; t += rw.count) {
     const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
     const unsigned src_lanes = __ballot_sync(0xffffffffu, slot >= 0);
+    const uint64_t wait_start = stamps.now();
     for (unsigned m = src_lanes & ~(1u << me); m != 0; m &= m - 1) {
       const int r = __ffs(m) - 1;
       const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
@@ -66,6 +73,8 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_b
         return;
       }
     }
+    stamps.waited_since(wait_start);
+    stamps.moved(1);
     auto row_of = [&](int r) -> const V* {
       const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
       if (r == me) return y + (s_recv_start[me] + r_slot) * n_vec;
@@ -125,10 +134,12 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_b
   }
 }
 
-template <typename T, int kVec>
+template <typename T, int kVec, int kUnroll>
 __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParams p) {
   using V = typename VecOf<kVec>::type;
   const CommonParams& c = p.c;
+  WarpStamps stamps(c);
+  stamps.mark(kStampStart);
   __shared__ int64_t s_peer[kMaxRanks];
   __shared__ int64_t s_recv_start[kMaxRanks + 1];
   __shared__ int64_t s_most_from_a_peer;
@@ -141,13 +152,17 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParam
   const uint64_t seq = begin_operation(my_base, &s_seq);
   if (block_sees_sticky_error(my_base, &s_flag)) return;
   if (!ready_handshake(c, s_peer, seq, kCombine, &s_flag)) return;
+  stamps.mark(kStampReady);
   const int lane = threadIdx.x & 31;
-  if ((threadIdx.x >> 5) < p.send_warps) {
-    send_back<V>(p, seq, s_peer, s_recv_start, s_most_from_a_peer, lane);
+  const bool sender = (threadIdx.x >> 5) < p.send_warps;
+  if (sender) {
+    send_back<V, kUnroll>(p, seq, s_peer, s_recv_start, s_most_from_a_peer, stamps, lane);
   } else {
-    reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, lane);
+    reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, stamps, lane);
   }
+  stamps.role_done(sender ? 0 : 1);
   end_operation(my_base, seq);
+  stamps.mark(kStampEnd);
 }
 
 template <typename T>
@@ -157,14 +172,16 @@ int launch_typed(const CombineParams& p, cudaStream_t stream) {
   const int vec = pick_vec_bytes(row_bytes, p.y, p.out);
   const dim3 grid(p.c.num_blocks), block(kThreads);
   // Rows and tensors of T are T-aligned, so vec >= sizeof(T) always holds.
+  // The send-back keeps 8 vectors per lane whatever copy_unroll says: with 16, the kernel
+  // (whose reducers need ~120 registers) spills.
   if (vec == 16) {
-    combine_kernel<T, 16><<<grid, block, 0, stream>>>(p);
+    combine_kernel<T, 16, kSendBackUnroll><<<grid, block, 0, stream>>>(p);
   } else if (vec == 8) {
-    combine_kernel<T, 8><<<grid, block, 0, stream>>>(p);
+    combine_kernel<T, 8, kSendBackUnroll><<<grid, block, 0, stream>>>(p);
   } else if (vec == 4 && sizeof(T) <= 4) {
-    combine_kernel<T, (sizeof(T) <= 4 ? 4 : 8)><<<grid, block, 0, stream>>>(p);
+    combine_kernel<T, (sizeof(T) <= 4 ? 4 : 8), kSendBackUnroll><<<grid, block, 0, stream>>>(p);
   } else if (vec == 2 && sizeof(T) <= 2) {
-    combine_kernel<T, (sizeof(T) <= 2 ? 2 : 8)><<<grid, block, 0, stream>>>(p);
+    combine_kernel<T, (sizeof(T) <= 2 ? 2 : 8), kSendBackUnroll><<<grid, block, 0, stream>>>(p);
   } else {
     return kBadArgument;
   }

@@ -150,13 +150,12 @@ __device__ inline bool ready_handshake(const CommonParams& c, const int64_t* s_p
 }
 
 // ------------------------------------------------------------------------------------------ rows
-constexpr int kUnroll = 8;  // vectors per lane in flight: 8 x 16 B x 32 lanes = 4 KiB per warp
-
 // One warp copies a row of n_vec vectors from src to every destination in dst_lanes: lane r
 // holds the address for destination r in lane_addr (the row is read once, whatever the
-// fan-out). Loads are batched, kUnroll per lane, before the stores so several are in flight.
+// fan-out). kUnroll loads per lane are issued before the stores: a warp stalls for one memory
+// latency per kUnroll * 32 vectors, so that is what sets its bytes in flight (8: 4 KiB, 16: 8 KiB).
 // Loop bounds are warp-uniform because of the shuffles.
-template <typename V, bool kSrcReadOnly>
+template <typename V, bool kSrcReadOnly, int kUnroll>
 __device__ __forceinline__ void warp_copy_row(const V* src, int64_t lane_addr, unsigned dst_lanes, int64_t n_vec,
                                               int lane) {
   for (int64_t base = 0; base < n_vec; base += 32 * kUnroll) {
@@ -176,6 +175,59 @@ __device__ __forceinline__ void warp_copy_row(const V* src, int64_t lane_addr, u
     }
   }
 }
+
+// A receiver's copy of a row out of its own region (written by peers during the kernel, hence
+// the coherent loads) to one destination.
+template <typename V, int kUnroll>
+__device__ __forceinline__ void warp_copy_received_row(const V* src, V* dst, int64_t n_vec, int lane) {
+  for (int64_t base = 0; base < n_vec; base += 32 * kUnroll) {
+    V v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < n_vec) v[u] = ld_coherent(src + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + u * 32 + lane;
+      if (i < n_vec) dst[i] = v[u];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ stamps
+// This warp's phase stamps (intranode.cuh, StampWord); every member is a no-op when they are off.
+struct WarpStamps {
+  uint64_t* words;  // this warp's kStampWords, or nullptr
+  uint64_t waited_ns = 0, rows = 0, first_row = 0;
+
+  __device__ explicit WarpStamps(const CommonParams& c)
+      : words(c.stamps == nullptr ? nullptr
+                                  : c.stamps + (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) *
+                                                   kStampWords) {}
+  __device__ __forceinline__ uint64_t now() const { return words != nullptr ? global_timer_ns() : 0; }
+  __device__ __forceinline__ void put(int word, uint64_t v) const {
+    if (words != nullptr && (threadIdx.x & 31) == 0) words[word] = v;
+  }
+  __device__ __forceinline__ void mark(int word) const { put(word, now()); }
+  // Time since `since` (a now()) spent waiting: for flags (receivers) or in a fence (senders).
+  __device__ __forceinline__ void waited_since(uint64_t since) {
+    if (words != nullptr) waited_ns += global_timer_ns() - since;
+  }
+  __device__ __forceinline__ void moved(uint64_t n) {
+    if (words != nullptr) {
+      rows += n;
+      if (first_row == 0) first_row = global_timer_ns();
+    }
+  }
+  __device__ __forceinline__ void role_done(int role) const {
+    put(kStampFirstRow, first_row);
+    put(kStampWaitNs, waited_ns);
+    put(kStampRows, rows);
+    put(kStampRole, static_cast<uint64_t>(role));
+    mark(kStampRoleDone);
+  }
+};
 
 // Loads the peer bases and the per-source receive row ranges (exclusive prefix over the count
 // matrix column of this rank) into shared memory, and the most rows any one peer sends here.

@@ -19,7 +19,12 @@ using namespace dev;
 
 constexpr int kMaxSharedExperts = 12288;  // s_hist must fit 48 KiB of dynamic shared memory
 
-template <int kVec>
+// Vectors per lane a sender keeps in flight. 16 would spill: a sender also holds the next
+// token's route and every destination's addresses.
+constexpr int kSendUnroll = 8;
+
+// kUnroll: vectors per lane in flight when a receiver copies a row out of the region.
+template <int kVec, int kUnroll>
 struct PlainRows {
   using V = typename VecOf<kVec>::type;
 
@@ -36,16 +41,20 @@ struct PlainRows {
                                               unsigned dst_lanes, int lane) {
     const int64_t bytes = row_bytes(p);
     const V* src = reinterpret_cast<const V*>(static_cast<const char*>(p.x) + t * bytes);
-    warp_copy_row<V, true>(src, data_addr, dst_lanes, bytes / kVec, lane);
+    warp_copy_row<V, true, kSendUnroll>(src, data_addr, dst_lanes, bytes / kVec, lane);
   }
   static __device__ __forceinline__ void receive(const DispatchParams& p, int64_t i, int64_t region_row, int lane) {
     const int64_t bytes = row_bytes(p);
-    const int64_t dst = reinterpret_cast<int64_t>(static_cast<char*>(p.recv_x) + i * bytes);
-    warp_copy_row<V, false>(reinterpret_cast<const V*>(region_row), dst, 1u, bytes / kVec, lane);
+    warp_copy_received_row<V, kUnroll>(reinterpret_cast<const V*>(region_row),
+                                       reinterpret_cast<V*>(static_cast<char*>(p.recv_x) + i * bytes), bytes / kVec,
+                                       lane);
   }
 };
 
-template <typename T>
+constexpr int kQuantUnroll = 8;  // vectors per lane quantised at once (registers: values, e4m3 and scales)
+
+// kUnroll: vectors per lane in flight when a receiver copies the e4m3 bytes out.
+template <typename T, int kUnroll>
 struct Fp8Rows {
   static constexpr int kElems = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
   static constexpr int kGroupLanes = kFp8Block / kElems;            // lanes sharing one scale
@@ -64,17 +73,17 @@ struct Fp8Rows {
                                               unsigned dst_lanes, int lane) {
     const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + t * p.hidden * sizeof(T));
     const int64_t n_vec = p.hidden / kElems;  // a multiple of kGroupLanes: blocks never straddle
-    for (int64_t base = 0; base < n_vec; base += 32 * kUnroll) {
-      Packed<unsigned short, kElems> q[kUnroll];  // kElems / 2 e4m3 pairs
-      float scale[kUnroll];
-      int4 v[kUnroll];
+    for (int64_t base = 0; base < n_vec; base += 32 * kQuantUnroll) {
+      Packed<unsigned short, kElems> q[kQuantUnroll];  // kElems / 2 e4m3 pairs
+      float scale[kQuantUnroll];
+      int4 v[kQuantUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kQuantUnroll; ++u) {
         const int64_t i = base + u * 32 + lane;
         v[u] = i < n_vec ? ld_readonly(src + i) : make_int4(0, 0, 0, 0);
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kQuantUnroll; ++u) {
         Packed<T, 16> in;
         in.vec = v[u];
         float f[kElems];
@@ -98,7 +107,7 @@ struct Fp8Rows {
         char* row = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, data_addr, __ffs(m) - 1));
         float* scales = reinterpret_cast<float*>(__shfl_sync(0xffffffffu, scale_addr, __ffs(m) - 1));
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < kQuantUnroll; ++u) {
           const int64_t i = base + u * 32 + lane;
           if (i < n_vec) {
             reinterpret_cast<Q*>(row)[i] = q[u].vec;
@@ -109,20 +118,45 @@ struct Fp8Rows {
     }
   }
   static __device__ __forceinline__ void receive(const DispatchParams& p, int64_t i, int64_t region_row, int lane) {
-    const int64_t dst = reinterpret_cast<int64_t>(static_cast<char*>(p.recv_x) + i * p.hidden);
-    warp_copy_row<int4, false>(reinterpret_cast<const int4*>(region_row), dst, 1u, p.hidden / 16, lane);
+    warp_copy_received_row<int4, kUnroll>(reinterpret_cast<const int4*>(region_row),
+                                          reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + i * p.hidden),
+                                          p.hidden / 16, lane);
     const int64_t num_scales = p.hidden / kFp8Block;
     const float* scales = reinterpret_cast<const float*>(region_row + p.hidden);
     for (int64_t j = lane; j < num_scales; j += 32) p.recv_scales[i * num_scales + j] = ld_coherent(scales + j);
   }
 };
 
-// This token's routing metadata for destination r: {local expert id or -1, weight bits} per k.
-__device__ __forceinline__ int2 meta_entry(const DispatchParams& p, int64_t t, int j, int r) {
-  const int64_t e = p.topk_idx[t * p.topk + j];
+// What a sender needs of token t besides its row, loaded one token ahead so that these small
+// loads are in flight while the previous row moves (each would otherwise cost the warp a full
+// memory latency per token): lane r < W the token's slot at rank r (-1: not sent there); lane
+// j < topk its j-th global expert id and weight bits.
+struct TokenRoute {
+  int slot = -1;
+  int64_t expert = -1;
+  int weight_bits = 0;
+};
+
+__device__ __forceinline__ TokenRoute load_route(const DispatchParams& p, int64_t t, int lane) {
+  TokenRoute r;
+  if (lane < p.c.num_ranks) r.slot = p.token_slot[t * p.c.num_ranks + lane];
+  if (lane < p.topk) {
+    r.expert = p.topk_idx[t * p.topk + lane];
+    r.weight_bits = __float_as_int(p.topk_weights[t * p.topk + lane]);
+  }
+  return r;
+}
+
+// Token t's routing metadata entry j for destination r: {local expert id or -1, weight bits}.
+// Entries j < 32 come from the prefetched route (lane j holds them); larger top-k read memory.
+__device__ __forceinline__ int2 meta_entry(const DispatchParams& p, const TokenRoute& route, int64_t t, int j, int r,
+                                           int lane) {
+  const bool prefetched = j == lane;
+  const int64_t e = prefetched ? route.expert : p.topk_idx[t * p.topk + j];
   const int64_t local = e - static_cast<int64_t>(r) * p.num_local_experts;
   const bool here = e >= 0 && local >= 0 && local < p.num_local_experts;
-  return make_int2(here ? static_cast<int>(local) : -1, here ? __float_as_int(p.topk_weights[t * p.topk + j]) : 0);
+  const int bits = prefetched ? route.weight_bits : __float_as_int(p.topk_weights[t * p.topk + j]);
+  return make_int2(here ? static_cast<int>(local) : -1, here ? bits : 0);
 }
 
 // Output row i's metadata, and its (token, local expert) pairs counted into s_hist.
@@ -134,18 +168,23 @@ __device__ __forceinline__ void write_out_meta(const DispatchParams& p, int64_t 
 
 template <class Rows>
 __device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
-                            const int64_t* s_send_row, int* s_hist, int lane) {
-  const CommonParams& c = p.c;
-  const int W = c.num_ranks, me = c.rank, k = p.topk;
+                            const int64_t* s_send_row, int* s_hist, WarpStamps& stamps, int lane) {
+  const int me = p.c.rank, k = p.topk;
   const RoleWarps rw = role_warps(0, p.send_warps);
   const int C = p.send_chunk;
-  for (int64_t c0 = rw.index * C; c0 < p.num_tokens; c0 += rw.count * C) {
+  const int64_t stride = rw.count * C;
+  TokenRoute next;
+  if (rw.index * C < p.num_tokens) next = load_route(p, rw.index * C, lane);
+  for (int64_t c0 = rw.index * C; c0 < p.num_tokens; c0 += stride) {
     // Lane r: the rows of this chunk's tokens at peer r, [first_row, last_row] (contiguous:
     // consecutive tokens bound for r take consecutive slots there).
     int64_t first_row = -1, last_row = -1;
     const int64_t c1 = c0 + C < p.num_tokens ? c0 + C : p.num_tokens;
     for (int64_t t = c0; t < c1; ++t) {
-      const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
+      const TokenRoute route = next;
+      const int64_t t_next = t + 1 < c1 ? t + 1 : c0 + stride;
+      if (t_next < p.num_tokens) next = load_route(p, t_next, lane);
+      const int slot = route.slot;
       // Lane r: destination r's addresses. This rank's own row goes straight to the outputs
       // (unless it is past the budget: the overflow is reported by the receive side).
       int64_t data_addr = 0, scale_addr = 0, own_row = -1;
@@ -169,7 +208,7 @@ __device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t
         const int r = __ffs(m) - 1;
         const int64_t r_row = __shfl_sync(0xffffffffu, r == me ? own_row : s_send_row[r] + slot, r);
         for (int j = lane; j < k; j += 32) {
-          const int2 e = meta_entry(p, t, j, r);
+          const int2 e = meta_entry(p, route, t, j, r, lane);
           if (r == me) {
             write_out_meta(p, r_row, j, e, s_hist);
           } else {
@@ -180,17 +219,20 @@ __device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t
       Rows::send(p, t, data_addr, scale_addr, dst_lanes, lane);
     }
     __syncwarp();  // every lane's stores of the chunk come before the fence
+    const uint64_t fence_start = stamps.now();
     fence_acq_rel_sys();
+    stamps.waited_since(fence_start);
     if (first_row >= 0) {
       uint64_t* flags = reinterpret_cast<uint64_t*>(s_peer[lane] + p.flag_region_offset);
       for (int64_t row = first_row; row <= last_row; ++row) st_relaxed_sys(flags + row, seq);
     }
+    stamps.moved(c1 - c0);
   }
 }
 
 template <class Rows>
 __device__ void receive_rows(const DispatchParams& p, uint64_t seq, int64_t my_base, const int64_t* s_recv_start,
-                             int64_t most_from_a_peer, int* s_hist, int lane) {
+                             int64_t most_from_a_peer, int* s_hist, WarpStamps& stamps, int lane) {
   const CommonParams& c = p.c;
   const int W = c.num_ranks, k = p.topk;
   const RoleWarps rw = role_warps(p.send_warps, kWarps - p.send_warps);
@@ -199,11 +241,14 @@ __device__ void receive_rows(const DispatchParams& p, uint64_t seq, int64_t my_b
   for (int64_t w = rw.index; w < W * most_from_a_peer; w += rw.count) {
     const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
     if (i < 0 || i >= p.num_out_rows) continue;
+    const uint64_t wait_start = stamps.now();
     if (!__all_sync(0xffffffffu, wait_at_least(flags + i, seq, c.timeout_ns))) {
       const int src = source_of_row(i, W, s_recv_start, lane);
       if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, src, kDispatch);
       return;
     }
+    stamps.waited_since(wait_start);
+    stamps.moved(1);
     Rows::receive(p, i, my_base + p.x_region_offset + i * p.x_row_stride, lane);
     for (int j = lane; j < k; j += 32) write_out_meta(p, i, j, ld_coherent(meta + i * k + j), s_hist);
   }
@@ -222,6 +267,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
 
   const int tid = threadIdx.x, lane = tid & 31;
   const int W = c.num_ranks, epl = p.num_local_experts;
+  WarpStamps stamps(c);
+  stamps.mark(kStampStart);
   load_peers_and_recv_starts(c, s_peer, s_recv_start, &s_most_from_a_peer);
   if (tid < W) {
     int64_t row = 0;
@@ -234,20 +281,24 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
   const uint64_t seq = begin_operation(my_base, &s_seq);
   if (block_sees_sticky_error(my_base, &s_flag)) return;
   if (!ready_handshake(c, s_peer, seq, kDispatch, &s_flag)) return;
+  stamps.mark(kStampReady);
   if (blockIdx.x == 0 && tid == 0 && s_recv_start[W] > p.num_out_rows) {
     record_failure(c, my_base, seq, kBudgetExceeded, static_cast<int>(s_recv_start[W]), kDispatch);
   }
 
-  if ((tid >> 5) < p.send_warps) {
-    send_tokens<Rows>(p, seq, s_peer, s_recv_start, s_send_row, s_hist, lane);
+  const bool sender = (tid >> 5) < p.send_warps;
+  if (sender) {
+    send_tokens<Rows>(p, seq, s_peer, s_recv_start, s_send_row, s_hist, stamps, lane);
   } else {
-    receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, lane);
+    receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, stamps, lane);
   }
+  stamps.role_done(sender ? 0 : 1);
   __syncthreads();
   for (int e = tid; e < epl; e += kThreads) {
     if (s_hist[e] != 0) atomicAdd(&p.recv_expert_counts[e], s_hist[e]);
   }
   end_operation(my_base, seq);
+  stamps.mark(kStampEnd);
 }
 
 template <class Rows>
@@ -275,19 +326,24 @@ int launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
         !aligned16(p.recv_x)) {
       return kBadArgument;
     }
+    // Receivers keep 8 vectors per lane whatever copy_unroll says: with 16 the kernel, whose
+    // quantising senders need many registers, spills (and an e4m3 row is only 2 steps of 8).
     switch (p.dtype) {
-      case kFloat32: return launch_with<Fp8Rows<float>>(p, stream);
-      case kBFloat16: return launch_with<Fp8Rows<__nv_bfloat16>>(p, stream);
-      default: return launch_with<Fp8Rows<__half>>(p, stream);
+      case kFloat32: return launch_with<Fp8Rows<float, 8>>(p, stream);
+      case kBFloat16: return launch_with<Fp8Rows<__nv_bfloat16, 8>>(p, stream);
+      default: return launch_with<Fp8Rows<__half, 8>>(p, stream);
     }
   }
   if (p.x_row_stride < row_bytes) return kBadArgument;
+  // copy_unroll (the receivers' vectors per lane in flight) applies to 16-byte rows (every
+  // realistic hidden size); narrower rows are rare and keep 8.
   switch (pick_vec_bytes(row_bytes, p.x, p.recv_x)) {
-    case 16: return launch_with<PlainRows<16>>(p, stream);
-    case 8: return launch_with<PlainRows<8>>(p, stream);
-    case 4: return launch_with<PlainRows<4>>(p, stream);
-    case 2: return launch_with<PlainRows<2>>(p, stream);
-    default: return launch_with<PlainRows<1>>(p, stream);
+    case 16:
+      return p.c.copy_unroll == 16 ? launch_with<PlainRows<16, 16>>(p, stream) : launch_with<PlainRows<16, 8>>(p, stream);
+    case 8: return launch_with<PlainRows<8, 8>>(p, stream);
+    case 4: return launch_with<PlainRows<4, 8>>(p, stream);
+    case 2: return launch_with<PlainRows<2, 8>>(p, stream);
+    default: return launch_with<PlainRows<1, 8>>(p, stream);
   }
 }
 

@@ -245,3 +245,58 @@ def mismatched_operations(rank, world_size, backend):
     except RuntimeError as exc:
         return {"raised": str(exc), "elapsed": time.monotonic() - start}
     return {"raised": None, "elapsed": time.monotonic() - start}
+
+
+def cuda_tuning_variants(rank, world_size, variants):
+    """The cuda backend under other kernel tunings (``variants``: env dicts, e.g. 8 vectors per
+    lane, other sender/receiver splits) equals the torch backend, and its FP8 dispatch equals
+    the default tuning's bit for bit. With ``OVERLAP_CUDA_STAMPS=1`` in a variant, the phase
+    stamps must account for every row: senders for every token (dispatch) or returned row
+    (combine), receivers for every row from a peer (dispatch) or every token (combine)."""
+    import os
+
+    from overlap.ep import EPBuffer
+    from overlap.ep.kernel_stamps import summarize
+
+    T, H, E, K = 1024, 7168, 64, 8
+    dev = _device()
+    gen = torch.Generator().manual_seed(300 + rank)
+    kw = dict(num_experts=E, hidden=H, max_tokens_per_rank=T, validate_values=False)
+    ref_buf = EPBuffer(None, backend="torch", **kw)
+    default_buf = EPBuffer(None, backend="cuda", num_sms=12, **kw)
+    fails = []
+    for env in variants:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            buf = EPBuffer(None, backend="cuda", num_sms=12, **kw)
+            buf.dispatch(torch.randn(4, H, device=dev).to(torch.bfloat16), *_random_routing(4, E, K, gen, dev))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        tag = f"[rank{rank}/{env}]"
+        x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev)
+        idx, w = _random_routing(T, E, K, gen, dev)
+        ref = ref_buf.dispatch(x, idx, w)
+        got = buf.dispatch(x, idx, w)
+        fails += _compare_dispatch(tag, got, ref)
+        stamps = env.get("OVERLAP_CUDA_STAMPS") == "1"
+        from_peers = got[0].shape[0] - int(got[4].layout.num_tokens_per_rank[rank])
+        if stamps:
+            s = summarize(buf._backend.last_phase_stamps("dispatch"))
+            if s.get("send_rows") != T or s.get("recv_rows") != from_peers:
+                fails.append(f"{tag} dispatch stamps count {s.get('send_rows')} sent / {s.get('recv_rows')} received "
+                             f"rows, expected {T} / {from_peers}")
+        y = _expert_rows(ref[0])
+        fails += _compare_combine(tag, buf.combine(y, got[4]), ref_buf.combine(y, ref[4]), world_size)
+        if stamps:
+            s = summarize(buf._backend.last_phase_stamps("combine"))
+            if s.get("send_rows") != from_peers or s.get("recv_rows") != T:
+                fails.append(f"{tag} combine stamps count {s.get('send_rows')} returned / {s.get('recv_rows')} reduced "
+                             f"rows, expected {from_peers} / {T}")
+        q, scales = buf.dispatch_fp8(x, idx, w)[:2]
+        q0, scales0 = default_buf.dispatch_fp8(x, idx, w)[:2]
+        if not (torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and _same(scales, scales0)):
+            fails.append(f"{tag} FP8 dispatch differs from the default tuning's")
+    torch.cuda.synchronize()
+    return fails

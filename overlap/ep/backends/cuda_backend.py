@@ -10,10 +10,14 @@ straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.
 - combine = one kernel: rows go back to their source ranks, which sum them in fp32.
 
 Inside each dispatch and combine kernel the warps of every block split into senders and
-receivers (``OVERLAP_CUDA_SEND_WARPS`` of 16 send, default 6), and every row carries an
-arrival flag, raised after each ``OVERLAP_CUDA_SEND_CHUNK`` rows a sender warp sent (default
-8; one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
-the GPU.
+receivers, and every row carries an arrival flag raised after each chunk of rows a sender warp
+sent (one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
+the GPU. Tuning knobs (environment, read when the buffer is set up; see :class:`KernelTuning`):
+``OVERLAP_CUDA_SEND_WARPS`` (warps of 16 that send, default 6), ``OVERLAP_CUDA_FP8_SEND_WARPS``
+(the same for the quantising FP8 dispatch, default 10), ``OVERLAP_CUDA_SEND_CHUNK`` (rows per
+fence, default 8), ``OVERLAP_CUDA_COPY_UNROLL`` (16-byte vectors per lane in flight in a dispatch receiver, 8 or 16,
+default 16). ``OVERLAP_CUDA_STAMPS=1`` makes every warp record %globaltimer phase stamps,
+read back with :meth:`CudaBackend.last_phase_stamps` (see :mod:`overlap.ep.kernel_stamps`).
 
 Kernels run on a communication stream of the buffer, ordered after the caller's stream by
 events; ``*_async`` calls return an :class:`EPEvent` that makes the current stream wait.
@@ -29,6 +33,8 @@ capturing (the first call allocates the symmetric buffer, collectively).
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -44,6 +50,9 @@ TIMEOUT_ENV = "OVERLAP_KERNEL_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
 SEND_WARPS_ENV = "OVERLAP_CUDA_SEND_WARPS"
 SEND_CHUNK_ENV = "OVERLAP_CUDA_SEND_CHUNK"
+FP8_SEND_WARPS_ENV = "OVERLAP_CUDA_FP8_SEND_WARPS"
+COPY_UNROLL_ENV = "OVERLAP_CUDA_COPY_UNROLL"
+STAMPS_ENV = "OVERLAP_CUDA_STAMPS"
 FP8_BLOCK = 128             # channels per fp32 scale of the FP8 dispatch
 _INITIAL_ELEMENT_SIZE = 2   # bf16 rows; grows (collectively) on the first wider dtype
 _INITIAL_TOPK = 8
@@ -69,15 +78,40 @@ def kernel_timeout_s() -> float:
                       "a positive number of seconds")
 
 
-def send_split_from_env(num_warps: int, default_warps: int, max_chunk: int, default_chunk: int) -> tuple[int, int]:
-    """``(send_warps, send_chunk)`` of the kernels: warps per block that send (the rest
-    receive), from ``OVERLAP_CUDA_SEND_WARPS``, and rows a sender warp sends before one fence
-    and their arrival flags, from ``OVERLAP_CUDA_SEND_CHUNK``."""
-    warps = env_number(SEND_WARPS_ENV, default_warps, int, lambda v: 1 <= v < num_warps,
-                       f"an integer in [1, {num_warps - 1}] (warps per block that send; the others receive)")
-    chunk = env_number(SEND_CHUNK_ENV, default_chunk, int, lambda v: 1 <= v <= max_chunk,
-                       f"an integer in [1, {max_chunk}] (rows a sender warp sends per fence)")
-    return warps, chunk
+@dataclass(frozen=True)
+class KernelTuning:
+    """How the dispatch and combine kernels split and pace their work (the same on every rank).
+
+    ``send_warps`` of the 16 warps of a block send and the rest receive (``fp8_send_warps`` for
+    the FP8 dispatch, whose quantising send needs more arithmetic); a sender warp fences once
+    per ``send_chunk`` rows; a row copy keeps ``copy_unroll`` 16-byte vectors per lane in flight;
+    ``stamps``: every warp records phase stamps.
+    """
+
+    send_warps: int
+    fp8_send_warps: int
+    send_chunk: int
+    copy_unroll: int
+    stamps: bool = False
+
+    @classmethod
+    def from_env(cls, num_warps: int, default_warps: int, max_chunk: int, default_chunk: int,
+                 default_fp8_warps: int, default_unroll: int) -> "KernelTuning":
+        """The kernels' defaults, overridden by ``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_FP8_SEND_WARPS``,
+        ``OVERLAP_CUDA_SEND_CHUNK``, ``OVERLAP_CUDA_COPY_UNROLL`` and ``OVERLAP_CUDA_STAMPS``."""
+        def warps(name: str, default: int) -> int:
+            return env_number(name, default, int, lambda v: 1 <= v < num_warps,
+                              f"an integer in [1, {num_warps - 1}] (warps per block that send; the others receive)")
+
+        stamps = os.environ.get(STAMPS_ENV, "").strip().lower()
+        if stamps not in ("", "0", "1"):
+            raise ValueError(f"{STAMPS_ENV}={stamps!r} must be 0 or 1")
+        return cls(send_warps=warps(SEND_WARPS_ENV, default_warps),
+                   fp8_send_warps=warps(FP8_SEND_WARPS_ENV, default_fp8_warps),
+                   send_chunk=env_number(SEND_CHUNK_ENV, default_chunk, int, lambda v: 1 <= v <= max_chunk,
+                                         f"an integer in [1, {max_chunk}] (rows a sender warp sends per fence)"),
+                   copy_unroll=env_number(COPY_UNROLL_ENV, default_unroll, int, lambda v: v in (8, 16), "8 or 16"),
+                   stamps=stamps == "1")
 
 
 class _RegionLayout:
@@ -140,7 +174,8 @@ class CudaBackend(EPBackend):
         self._status = None
         self._status_ptr = 0
         self._signal_bytes = self._canary_offset = 0
-        self._send_warps = self._send_chunk = 0
+        self.tuning: Optional[KernelTuning] = None
+        self._stamps: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ setup
     def check_group(self, buffer) -> None:
@@ -148,9 +183,9 @@ class CudaBackend(EPBackend):
             raise ValueError(f"backend={self.name!r} needs CUDA tensors, but this EPBuffer communicates on {buffer.device}")
         if "nccl" not in str(dist.get_backend(buffer.group)).lower():
             raise ValueError(f"backend={self.name!r} needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
-        (signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps, max_chunk,
-         send_chunk) = torch.ops.overlap.intranode_layout()
-        self._send_warps, self._send_chunk = send_split_from_env(num_warps, send_warps, max_chunk, send_chunk)
+        (signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps, max_chunk, send_chunk,
+         fp8_send_warps, copy_unroll, stamp_words) = torch.ops.overlap.intranode_layout()
+        self.tuning = KernelTuning.from_env(num_warps, send_warps, max_chunk, send_chunk, fp8_send_warps, copy_unroll)
         if buffer.world_size > max_ranks:
             raise ValueError(f"backend={self.name!r} supports at most {max_ranks} ranks, the group has {buffer.world_size}")
         # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
@@ -165,6 +200,27 @@ class CudaBackend(EPBackend):
         self._signal_bytes, self._canary_offset = signal_bytes, canary_offset
         self._stream = torch.cuda.Stream(device=buffer.device)
         self._status, self._status_ptr = torch.ops.overlap.intranode_alloc_status(status_words)
+        if self.tuning.stamps:
+            self._stamps = {op: torch.zeros(buffer.num_sms, num_warps, stamp_words, dtype=torch.int64,
+                                            device=buffer.device) for op in ("dispatch", "combine")}
+
+    def _stamps_ptr(self, op: str) -> int:
+        t = self._stamps.get(op)
+        return 0 if t is None else t.data_ptr()
+
+    def last_phase_stamps(self, op: str) -> torch.Tensor:
+        """Phase stamps of this buffer's last ``op`` ("dispatch" or "combine") kernel.
+
+        int64 ``[num_sms, 16 warps, 8 words]`` on the CPU (waits for the comm stream); the words
+        are csrc/kernels/intranode.cuh's ``StampWord``; :func:`overlap.ep.kernel_stamps.summarize`
+        turns them into phase times. Needs ``OVERLAP_CUDA_STAMPS=1`` when the buffer is set up.
+        """
+        if op not in ("dispatch", "combine"):
+            raise ValueError(f"op must be 'dispatch' or 'combine', got {op!r}")
+        if not self._stamps:
+            raise RuntimeError(f"phase stamps are off; set {STAMPS_ENV}=1 before the EPBuffer's first operation")
+        self._stream.synchronize()
+        return self._stamps[op].cpu()
 
     def _ensure_capacity(self, elem: int, topk: int) -> None:
         """(Re)allocate the symmetric buffer if rows of ``elem``-byte elements or ``topk`` do not fit.
@@ -336,13 +392,15 @@ class CudaBackend(EPBackend):
                          row_stride, recv_scales) -> None:
         self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
                      recv_x, recv_idx, recv_w, counts, *self._op_args(self.buffer.num_sms), regions.x_offset,
-                     row_stride, regions.meta_offset, regions.dispatch_flags_offset, self._send_warps, self._send_chunk,
-                     recv_scales)
+                     row_stride, regions.meta_offset, regions.dispatch_flags_offset,
+                     self.tuning.fp8_send_warps if recv_scales is not None else self.tuning.send_warps,
+                     self.tuning.send_chunk, recv_scales, self.tuning.copy_unroll, self._stamps_ptr("dispatch"))
 
     def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
         self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, matrix, peers, out,
                      *self._op_args(self.buffer.num_sms), regions.combine_offset, row_stride,
-                     regions.combine_flags_offset, self._send_warps, self._send_chunk)
+                     regions.combine_flags_offset, self.tuning.send_warps, self.tuning.send_chunk,
+                     self.tuning.copy_unroll, self._stamps_ptr("combine"))
 
     # ------------------------------------------------------------------------------------ combine
     def combine(self, y, handle: DispatchHandle, *, async_op: bool):

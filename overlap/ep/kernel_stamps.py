@@ -1,0 +1,64 @@
+"""Where a `cuda` dispatch or combine kernel spends its time, from its phase stamps.
+
+With ``OVERLAP_CUDA_STAMPS=1`` every warp of the intranode kernels records %globaltimer values
+(csrc/kernels/intranode.cuh, ``StampWord``); :meth:`CudaBackend.last_phase_stamps` returns them
+as ``[blocks, warps, 8]``. :func:`summarize` turns one kernel's stamps into phase times in
+microseconds, so a researcher can tell whether senders, receivers, the ready handshake or the
+tail bound the kernel without hardware counters. %globaltimer ticks coarsely (about 1 us on
+some GPUs): single intervals are rounded, sums over many waits are unbiased.
+"""
+from __future__ import annotations
+
+from statistics import median
+
+import torch
+
+START, READY, FIRST_ROW, ROLE_DONE, WAIT_NS, ROWS, ROLE, END = range(8)
+SENDER, RECEIVER = 0, 1
+
+
+def summarize(stamps: torch.Tensor) -> dict[str, float]:
+    """Phase times (us) of one kernel from its ``[blocks, warps, 8]`` int64 stamps.
+
+    - ``total_us``: first warp's start to the last block's end (the kernel on this GPU);
+    - ``launch_skew_us``: spread of the warps' start times (blocks scheduled late);
+    - ``handshake_us``: median over warps of start to ready (waiting for every peer to start);
+    - per role (``send_``/``recv_``): ``busy_us`` median and ``busy_max_us`` of ready to the
+      role's last row, ``first_row_us`` median of ready to its first row, ``wait_share`` the
+      fraction of busy time spent waiting (receivers: for flags; senders: in fences), ``rows``;
+    - ``tail_us``: the last role to finish to the last block's end.
+    """
+    if stamps.dim() != 3 or stamps.shape[-1] < 8:
+        raise ValueError(f"stamps must be [blocks, warps, 8], got shape {tuple(stamps.shape)}")
+    s = stamps.reshape(-1, stamps.shape[-1]).tolist()
+    s = [w for w in s if w[START] > 0 and w[READY] >= w[START]]
+    if not s:
+        raise ValueError("no warp recorded its stamps (phase stamps off, or the kernel failed early)")
+    t0 = min(w[START] for w in s)
+    end = max(w[END] for w in s)
+    out = {"total_us": (end - t0) / 1e3,
+           "launch_skew_us": (max(w[START] for w in s) - t0) / 1e3,
+           "handshake_us": median((w[READY] - w[START]) / 1e3 for w in s)}
+    last_done = t0
+    for role, name in ((SENDER, "send"), (RECEIVER, "recv")):
+        ws = [w for w in s if w[ROLE] == role and w[ROLE_DONE] >= w[READY]]
+        if not ws:
+            continue
+        busy = [(w[ROLE_DONE] - w[READY]) / 1e3 for w in ws]
+        first = [(w[FIRST_ROW] - w[READY]) / 1e3 for w in ws if w[ROWS] > 0 and w[FIRST_ROW] >= w[READY]]
+        busy_ns = sum(w[ROLE_DONE] - w[READY] for w in ws)
+        out.update({f"{name}_busy_us": median(busy), f"{name}_busy_max_us": max(busy),
+                    f"{name}_first_row_us": median(first) if first else 0.0,
+                    f"{name}_wait_share": sum(w[WAIT_NS] for w in ws) / busy_ns if busy_ns else 0.0,
+                    f"{name}_rows": float(sum(w[ROWS] for w in ws))})
+        last_done = max(last_done, max(w[ROLE_DONE] for w in ws))
+    out["tail_us"] = (end - last_done) / 1e3
+    return out
+
+
+def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Per-key median of several :func:`summarize` results (keys present in all of them)."""
+    if not summaries:
+        raise ValueError("no summaries to combine")
+    keys = set(summaries[0]).intersection(*summaries[1:])
+    return {k: median(s[k] for s in summaries) for k in sorted(keys)}
