@@ -10,10 +10,13 @@ top-k ids/weights) for dispatch, and the rows it sends back for combine; `logica
 received including the rank's own (DeepEP's convention). GB/s = bytes / time_us (10^9 B/s).
 time_us = the slowest rank's median over the timed iterations (CUDA events on GPU).
 
-Kernel backends run each dispatch in two modes (``--modes``): ``exact`` sizes the outputs from
-the counts (one host sync per dispatch), ``budget`` passes ``num_worst_tokens = W * tokens``
-(no host sync; what a CUDA-graph-captured step runs). Rows record both and the send/receive
-warp split of the CUDA kernels (``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_SEND_CHUNK``).
+Kernel backends run each dispatch in three modes (``--modes``): ``exact`` sizes the outputs
+from the counts (one host sync per dispatch), ``budget`` passes ``num_worst_tokens = W * tokens``
+(no host sync), ``graph`` times the budget-mode call as CUDA-graph replays (what a captured
+step costs the GPU, without Python's launch overhead; backends that cannot be captured skip
+it). Eager times include the host's launch cost whenever the GPU waits for it. Rows record the
+mode and the CUDA kernels' tuning (KernelTuning in overlap/ep/backends/cuda_backend.py).
+NCCL is timed eagerly (one call; its launch cost is small).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overlap.bench import make_meta, time_fn, write_results  # noqa: E402
+from overlap.bench import make_meta, time_fn, time_graph_replay, write_results  # noqa: E402
 from overlap.testing import run_distributed  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,7 +76,7 @@ def _bench_rank(rank, world_size, args):
         for num_sms, mode in [(n, m) for n in sms_list for m in modes]:
             buf = EPBuffer(group, num_experts=args.experts, hidden=args.hidden, max_tokens_per_rank=args.tokens,
                            backend=backend, num_sms=num_sms or 20, validate_values=False, device=device)
-            budget = world_size * args.tokens if mode == "budget" else None
+            budget = world_size * args.tokens if mode in ("budget", "graph") else None
             tuning = getattr(buf._backend, "tuning", None) if backend == "cuda" else None
             recv_x, recv_idx, recv_w, counts, handle = buf.dispatch(x, idx, w)
             lay = handle.layout
@@ -83,15 +86,25 @@ def _bench_rank(rank, world_size, args):
             if budget is not None:
                 handle = buf.dispatch(x, idx, w, num_worst_tokens=budget)[4]
             y = torch.randn(handle.num_recv_tokens, args.hidden, device=device).to(dtype)
-            t_disp = time_fn(lambda: buf.dispatch(x, idx, w, num_worst_tokens=budget), warmup=args.warmup,
-                             iters=args.iters, barrier=barrier)
-            t_comb = time_fn(lambda: buf.combine(y, handle), warmup=args.warmup, iters=args.iters, barrier=barrier)
+
+            def timer(fn):
+                # graph: the GPU's own time per call (CUDA-graph replay, no Python launch cost);
+                # otherwise eager calls, each started together on every rank by the barrier.
+                if mode == "graph":
+                    barrier()
+                    return time_graph_replay(fn, warmup=args.warmup, iters=max(5, args.iters // 3))
+                return time_fn(fn, warmup=args.warmup, iters=args.iters, barrier=barrier)
+
+            if mode == "graph" and not getattr(buf._backend, "graph_capturable", backend == "cuda"):
+                del buf
+                continue
+            t_disp = timer(lambda: buf.dispatch(x, idx, w, num_worst_tokens=budget))
+            t_comb = timer(lambda: buf.combine(y, handle))
             back_wire_rows = recv_rows - int(sent_rows[rank])  # rows returned to other ranks
             timed = [("dispatch", t_disp, wire_rows, recv_rows, row_bytes, args.dtype),
                      ("combine", t_comb, back_wire_rows, int(sent_rows.sum()), row_bytes, args.dtype)]
             if hasattr(buf._backend, "dispatch_fp8") and args.hidden % 128 == 0:
-                t_fp8 = time_fn(lambda: buf.dispatch_fp8(x, idx, w, num_worst_tokens=budget), warmup=args.warmup,
-                                iters=args.iters, barrier=barrier)
+                t_fp8 = timer(lambda: buf.dispatch_fp8(x, idx, w, num_worst_tokens=budget))
                 fp8_row_bytes = args.hidden + args.hidden // 128 * 4  # e4m3 values + fp32 scales
                 timed.append(("dispatch", t_fp8, wire_rows, recv_rows, fp8_row_bytes, "fp8"))
             for op, t, wire, logical, nbytes, dtype_name in timed:
@@ -154,8 +167,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--backends", nargs="*", default=None, help="default: every backend available here")
     p.add_argument("--num-sms", type=int, nargs="*", default=[2, 4, 8, 12, 16, 20, 24, 32])
-    p.add_argument("--modes", nargs="*", choices=["exact", "budget"], default=["exact", "budget"],
-                   help="kernel-backend dispatch sizing: exact (host sync) and/or budget (num_worst_tokens)")
+    p.add_argument("--modes", nargs="*", choices=["exact", "budget", "graph"], default=["exact", "budget", "graph"],
+                   help="kernel backends: exact (outputs sized by a host sync), budget (num_worst_tokens, eager "
+                        "calls), graph (num_worst_tokens, timed as CUDA-graph replays: the GPU's own time)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=RESULTS_DIR, help="directory for the results JSON")

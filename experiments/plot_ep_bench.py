@@ -24,6 +24,10 @@ from overlap.bench import read_results  # noqa: E402
 FIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
+_MODE_LABELS = {"exact": "", "budget": " (num_worst_tokens)", "graph": " (num_worst_tokens, graph replay)"}
+_MODE_STYLES = {"exact": "-", "budget": "--", "graph": "-."}
+
+
 def plot(path: str, out_dir: str = FIG_DIR) -> str:
     data = read_results(path)
     meta, rows = data["meta"], data["rows"]
@@ -31,7 +35,8 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
     a2a = [r for r in rows if r["op"] == "all_to_all_single"]
     for ax, op in zip(axes, ("dispatch", "combine")):
         op_rows = [r for r in rows if r["op"] == op]
-        # One line per (backend, dtype, dispatch sizing mode): "budget" rows skip the host sync.
+        # One line per (backend, dtype, mode): "budget" rows skip the host sync, "graph" rows are
+        # CUDA-graph replays (no launch cost).
         series = sorted({(r["backend"], r.get("dtype", ""), r.get("mode") or "exact") for r in op_rows})
         for backend, dtype, mode in series:
             mine = [r for r in op_rows if r["backend"] == backend and r.get("dtype", "") == dtype
@@ -39,9 +44,9 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
             pts = sorted((r["num_sms"], r["wire_gbps"]) for r in mine if r["num_sms"] is not None)
             flat = [r["wire_gbps"] for r in mine if r["num_sms"] is None]
             if pts:
-                label = f"{backend} {dtype}" + (" (num_worst_tokens)" if mode == "budget" else "")
+                label = f"{backend} {dtype}" + _MODE_LABELS.get(mode, f" ({mode})")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
-                        linestyle="--" if mode == "budget" else "-")
+                        linestyle=_MODE_STYLES.get(mode, "-"))
             for v in flat:
                 ax.axhline(v, linestyle=":", color="gray", label=f"{backend} {dtype} (SMs chosen by NCCL)")
         for r in a2a:
