@@ -95,7 +95,8 @@ def _phases_rank(rank, world_size, args):
                 s = median_summary(summaries)
                 t = torch.tensor([median(times), s["total_us"]], dtype=torch.float64, device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                rows.append({"variant": name, "env": env, "num_sms": num_sms, "op": label,
+                rows.append({"variant": name, "env": ",".join(f"{k}={v}" for k, v in env.items()),
+                             "num_sms": num_sms, "op": label,
                              "send_warps": backend.tuning.fp8_send_warps if label == "dispatch fp8"
                              else backend.tuning.send_warps,
                              "send_chunk": backend.tuning.send_chunk, "copy_unroll": backend.tuning.copy_unroll,
