@@ -13,17 +13,24 @@ Scenarios (each rank runs the same schedule; every transfer is issued early and 
 * ``prefill``: a forward-only step of two micro-batches through the same stack of MoE blocks:
   micro-batch A's attention / experts run while B's dispatch or combine is in flight on the
   EPBuffer's async calls, and vice versa, layer after layer.
-* ``decode``: a step of two micro-batches (128 tokens per rank each) through attention-like
-  GEMMs (``decode_overlap.MLALikeAttention``, DeepSeek-V3 sizes) and the low-latency
-  dispatch/combine with receive hooks: A's attention runs while B's tokens are in flight.
-  GPU only (the low-latency path needs CUDA and NCCL): skipped, with a message, under ``--cpu``.
+* ``decode``: ``--layers`` layers of two micro-batches (128 tokens per rank each) through
+  attention-like GEMMs and the low-latency dispatch/combine with receive hooks, in the schedule
+  ``experiments/decode_overlap.py`` measures (``run_overlapped``: A's attention runs while B's
+  tokens are in flight). Traced as CUDA-graph replays by default (``--decode-timing graph``),
+  as that study times it: traced eagerly, the profiler's launch overhead paces the GPU (it idled
+  69% of the span in the first decode trace) and the hook kernels of the rank ahead spin for the
+  other's data, so the figures describe the host, not the schedule. GPU only (the low-latency
+  path needs CUDA and NCCL): skipped, with a message, under ``--cpu``.
 
 Each scenario is warmed up, then ``--trace-steps`` steps are captured with
 ``overlap.profiling.capture_trace`` (one file per rank), analysed with
 ``overlap.profiling.analyze_trace`` (per-stream busy time, comm/compute classification,
-overlapped share, exposed comm, grid and SMs per kernel), and rank 0's timeline is drawn with
-``overlap.profiling.plot_timeline``. DeepSeek's published training trace: 96.3% of
-communication time overlapped, 3.2% of the step exposed.
+overlapped share, exposed comm, grid and SMs per kernel, and ``overlap.profiling.breakdown``'s
+split: transfers that hold no SM and how much of them compute covered, SM-holding comm kernels,
+the time those kernels waited beyond the fastest launch of the same kernel on any rank, the
+GPU's idle share), and rank 0's timeline is drawn with ``overlap.profiling.plot_timeline``.
+DeepSeek's published training trace: 96.3% of communication time overlapped, 3.2% of the step
+exposed.
 
 Outputs: ``--out/traces/{scenario}_ws{N}_rank{r}.json.gz`` (``{scenario}_cpu_ws{N}_...`` with
 ``--cpu``, so a check never overwrites GPU traces), ``--out/capture_traces[_cpu]_ws{N}.json``
@@ -46,6 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)   # the sibling studies whose stage and sizes are reused
 
+from decode_overlap import COPY_ENGINE_COMM  # noqa: E402
 from moe_overlap import CPU_SIZES, DTYPES, GPU_SIZES, _config, _device  # noqa: E402
 from overlap.bench import make_meta, write_results  # noqa: E402
 from overlap.testing import run_distributed  # noqa: E402
@@ -56,15 +64,12 @@ DECODE_TRANSPORTS = ("copy_engine", "sm", "nccl")
 DECODE_SIZES = dict(tokens=128, hidden=7168, experts=256, topk=8, heads=128, ctx=1024)
 DECODE_CPU_SKIP = ("decode: skipped: the low-latency path (EPBuffer.low_latency_dispatch/combine) needs CUDA "
                    "tensors and an NCCL group; --cpu runs gloo ranks. Run without --cpu on >= 2 GPUs.")
-# The copy-engine transport copies into peer memory mapped on this GPU, which the profiler may record
-# as a device-to-device copy on the local GPU rather than as a peer copy. The decode step issues no
-# local cudaMemcpy of its own, so every such copy in its trace is a transfer.
-COPY_ENGINE_COMM = (r"^Memcpy DtoD",)
 DEEPSEEK_REFERENCE = "DeepSeek-V3 training trace (H800, EP64): 96.3% of comm overlapped, 3.2% of the span exposed"
 # The figures of one device of TraceAnalysis that go into the per-(scenario, rank) row.
 DEVICE_KEYS = ("span_us", "busy_us", "comm_us", "compute_us", "overlapped_us", "exposed_us", "num_events", "num_comm",
                "comm_mean_sms", "comm_sms_mode", "compute_mean_sms", "compute_sms_mode",
-               "compute_sms_under_comm_mode")
+               "compute_sms_under_comm_mode", "transfer_us", "transfer_overlapped_us", "comm_kernel_us",
+               "comm_kernel_overlapped_us", "comm_wait_us", "idle_us", "host_bound", "copy_start_lag_us")
 
 
 def parse_args(argv=None):
@@ -84,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untraced steps first (default 2; 1 with --cpu)")
     p.add_argument("--decode-transport", choices=DECODE_TRANSPORTS, default="copy_engine",
                    help="low-latency transport of the decode scenario")
+    p.add_argument("--decode-timing", choices=("graph", "eager"), default="graph",
+                   help="decode steps as CUDA-graph replays (default; what decode_overlap.py times) or eager "
+                        "(launch-bound under the profiler: a diagnostic of the host side)")
     p.add_argument("--top", type=int, default=20, help="trace_kernel rows per trace (longest total time first)")
     p.add_argument("--timeout", type=float, default=570.0, help="seconds before all ranks are killed")
     args = p.parse_args(argv)
@@ -242,27 +250,8 @@ def _prefill(rank, stage, sizes, device):
     return step, (lambda: None), info
 
 
-def _decode_microbatch(ll, attn, mb, layers: int, transport: str, name: str):
-    """One decode micro-batch: attention in two parts, low-latency dispatch, identity experts
-    (the study is about the transfers), combine; yields at each switch point."""
-    x = mb["x"]
-    for _ in range(layers):
-        with _label(f"{name}:attn1"):
-            h = attn.part1(x)
-        yield
-        with _label(f"{name}:attn2"):
-            y = attn.part2(h)
-        recv, _, handle, hook = ll.dispatch(y, mb["idx"], mb["w"], return_recv_hook=True, transport=transport)
-        yield
-        hook()
-        x, hook = ll.combine(recv, None, None, handle, return_recv_hook=True)
-        yield
-        hook()
-    return x
-
-
 def _decode(rank, args, groups, device):
-    from decode_overlap import MLALikeAttention
+    from decode_overlap import MLALikeAttention, graph_of, make_micro_batches, run_overlapped
     from overlap.ep import EPBuffer
     from overlap.ep.low_latency import low_latency_state
 
@@ -272,24 +261,19 @@ def _decode(rank, args, groups, device):
                       backend="torch", num_sms=args.num_sms, validate_values=False, device=device)
     ll = low_latency_state(buffer)   # collective setup, outside the captured steps
     attn = MLALikeAttention(s.hidden, s.heads, s.ctx, s.tokens, device)
-    gen = torch.Generator().manual_seed(3000 + rank)
-    mbs = {}
-    for name in "AB":
-        idx = torch.rand(s.tokens, s.experts, generator=gen).topk(s.topk, dim=1).indices.to(device)
-        w = torch.softmax(torch.randn(s.tokens, s.topk, generator=gen), dim=1).to(device)
-        mbs[name] = {"x": (torch.randn(s.tokens, s.hidden, generator=gen) * 0.5).to(device, torch.bfloat16),
-                     "idx": idx, "w": w}
+    mbs = make_micro_batches(s.tokens, s.hidden, s.experts, s.topk, seed=3000 + rank, device=device)
 
-    def step():
-        # Three segments per layer (attention part 1 | part 2 + dispatch | receive + combine);
-        # with A two segments ahead, each transfer of one micro-batch flies under an attention
-        # part of the other: A.1 A.2 | B.1 | A.3 | B.2 | A.1' | B.3 | A.2' | B.1' ...
-        return ping_pong(_decode_microbatch(ll, attn, mbs["A"], args.layers, args.decode_transport, "A"),
-                         _decode_microbatch(ll, attn, mbs["B"], args.layers, args.decode_transport, "B"), lead=2)
+    def run():
+        # The schedule decode_overlap.py times: every transfer of one micro-batch flies under an
+        # attention part of the other (B's first attention and A's last transfers excepted).
+        return run_overlapped(attn, ll, mbs, args.layers, args.decode_transport)
 
+    # Graph capture happens here, outside the traced steps (it also warms up, eagerly).
+    step = graph_of(run).replay if args.decode_timing == "graph" else run
     info = {"num_tokens": s.tokens, "micro_batches": 2, "hidden": s.hidden, "topk": s.topk, "num_experts": s.experts,
-            "layers": args.layers, "dtype": "bf16", "lead": 2, "transport": args.decode_transport,
-            "heads": s.heads, "ctx": s.ctx, "experts_compute": "identity"}
+            "layers": args.layers, "dtype": "bf16", "lead": None, "transport": args.decode_transport,
+            "heads": s.heads, "ctx": s.ctx, "experts_compute": "identity",
+            "timing": "cuda_graph_replay" if args.decode_timing == "graph" else "eager"}
     return step, (lambda: ll.check_status()), info
 
 
@@ -341,12 +325,12 @@ def _comm_patterns(args, scenario: str) -> tuple:
     return ()
 
 
-def analyse(args, cap: dict, png: str | None):
-    """Analyse one captured trace; returns ``(summary row, detail rows, analysis)``."""
-    from overlap.profiling import COMM, analyze_trace, plot_timeline
+def analyse(args, cap: dict, a, png: str | None):
+    """Rows of one captured trace from its analysis ``a`` (see :func:`analyse_scenario`);
+    returns ``(summary row, detail rows)``."""
+    from overlap.profiling import COMM, plot_timeline
 
     extra = _comm_patterns(args, cap["scenario"])
-    a = analyze_trace(cap["path"], comm=extra)
     # The device that communicated (a GPU trace may list another device's stray events).
     dev = max(a.devices, key=lambda d: (d.comm_us, d.busy_us))
     lanes = [s for s in a.streams if s.device == dev.device]
@@ -362,8 +346,11 @@ def analyse(args, cap: dict, png: str | None):
     row.update({k: getattr(dev, k) for k in DEVICE_KEYS})
     row.update({
         "span_per_step_us": dev.span_us / args.trace_steps,
-        "overlap_pct": None if dev.overlap_share is None else 100.0 * dev.overlap_share,
-        "exposed_pct_of_span": None if dev.exposed_share_of_span is None else 100.0 * dev.exposed_share_of_span,
+        "overlap_pct": _pct(dev.overlap_share),
+        "exposed_pct_of_span": _pct(dev.exposed_share_of_span),
+        # Of the transfers that hold no SM (copy engines), the share compute ran beside.
+        "transfer_overlap_pct": _pct(dev.transfer_overlap_share),
+        "idle_pct": _pct(dev.idle_share),
         "num_streams": len(lanes), "num_comm_streams": len(comm_lanes),
         "max_stream_busy_us": max((s.busy_us for s in lanes), default=0.0),
         "comm_streams_busy_us": sum(s.busy_us for s in comm_lanes),
@@ -383,7 +370,26 @@ def analyse(args, cap: dict, png: str | None):
                  f"{cap['rank']}: comm {dev.comm_us / 1e3:.3f} ms, {share} overlapped by compute, exposed "
                  f"{dev.exposed_us / 1e3:.3f} ms over {args.trace_steps} step{'s' if args.trace_steps > 1 else ''}")
         plot_timeline(a, png, title=title)
-    return row, details, a
+    return row, details
+
+
+def analyse_scenario(args, caps: list) -> list:
+    """Analyses of one scenario's per-rank traces, with one wait baseline for every rank (a hook that
+    waited for a lagging peer in every launch is compared with the fastest launch on any rank)."""
+    from overlap.profiling import analyze_ranks
+
+    if not caps:
+        return []
+    extra = _comm_patterns(args, caps[0]["scenario"])
+    return analyze_ranks([c["path"] for c in caps], comm=extra)
+
+
+def _pct(share):
+    return None if share is None else 100.0 * share
+
+
+def _fmt_pct(v) -> str:
+    return "n/a" if v is None else f"{v:.1f}%"
 
 
 def main(argv=None):
@@ -403,19 +409,28 @@ def main(argv=None):
     rows, details = [], []
     for scenario in runnable:
         caps = sorted((c for r in per_rank for c in r if c["scenario"] == scenario), key=lambda c: c["rank"])
-        for cap in caps:
+        for cap, a in zip(caps, analyse_scenario(args, caps)):
             png = None
             if cap["rank"] == 0 and args.figures:
                 png = os.path.join(args.figures, f"trace_{tag(args, scenario)}_rank0.png")
-            row, det, _ = analyse(args, cap, png)
+            row, det = analyse(args, cap, a, png)
             rows.append(row)
             details.extend(det)
-        shares = [r["overlap_pct"] for r in rows if r["scenario"] == scenario and r["overlap_pct"] is not None]
-        exposed = [r["exposed_us"] for r in rows if r["scenario"] == scenario]
-        comm = [r["comm_us"] for r in rows if r["scenario"] == scenario]
-        print(f"[capture_traces] {scenario}: comm {max(comm) / 1e3:.3f} ms (max over ranks), overlapped "
-              f"{min(shares, default=float('nan')):.1f}-{max(shares, default=float('nan')):.1f}% by compute, "
-              f"exposed up to {max(exposed) / 1e3:.3f} ms per trace", flush=True)
+        mine = [r for r in rows if r["scenario"] == scenario]
+        shares = [r["overlap_pct"] for r in mine if r["overlap_pct"] is not None]
+        print(f"[capture_traces] {scenario}: comm {max(r['comm_us'] for r in mine) / 1e3:.3f} ms (max over ranks), "
+              f"overlapped {min(shares, default=float('nan')):.1f}-{max(shares, default=float('nan')):.1f}% by "
+              f"compute, exposed up to {max(r['exposed_us'] for r in mine) / 1e3:.3f} ms per trace", flush=True)
+        for r in mine:
+            if r["transfer_us"]:
+                print(f"[capture_traces] {scenario} rank {r['rank']}: zero-SM transfers {r['transfer_us']:.1f} us "
+                      f"({_fmt_pct(r['transfer_overlap_pct'])} under compute), SM-holding comm kernels "
+                      f"{r['comm_kernel_us']:.1f} us, {r['comm_wait_us']:.1f} us of it beyond each kernel's fastest "
+                      "launch on any rank (waiting for a peer)", flush=True)
+            if r["host_bound"]:
+                print(f"[capture_traces] WARNING: {scenario} rank {r['rank']}: the GPU idled "
+                      f"{_fmt_pct(r['idle_pct'])} of the span: a launch-bound trace (the host's pace, not the "
+                      "device schedule)", flush=True)
     command = " ".join(["python experiments/capture_traces.py"] + list(sys.argv[1:] if argv is None else argv))
     meta = make_meta("capture_traces", args.world_size, command=command, scenarios=args.scenarios,
                      skipped=skipped, backend=args.backend, trace_steps=args.trace_steps, warmup_steps=args.warmup,

@@ -7,10 +7,11 @@ Each micro-batch (128 tokens per GPU by default) runs an MLA-like attention spli
 (part 1: q/kv down- and up-projections and a memory-bound attention core over a KV cache;
 part 2: per-head value up-projection and the output projection), then a low-latency dispatch,
 the experts (identity here: the study is about communication) and a combine. Per layer, on one
-stream, every transfer of one micro-batch flies under an attention part of the other:
+stream, every transfer of one micro-batch flies under an attention part of the other, and every
+hook is called as late as its result allows (a hook spins on the SMs until its data is there):
 
-    A.part1 | dB flies ; hook dB, send cB ; A.part2 | cB flies ; hook cB, send dA ;
-    B.part1 | dA flies ; hook dA, send cA ; B.part2 | cA flies ; hook cA, send dB (next layer)
+    A.part1 | dB flies ; hook dB, send cB ; A.part2 | cB flies ; send dA, hook cB ;
+    B.part1 | dA flies ; hook dA, send cA ; B.part2 | cA flies ; send dB, hook cA (dB: next layer)
 
 B's first attention (fill) and A's last two transfers (drain) are exposed once per replay. Three
 schedules run under CUDA-graph replay, for each transport: `compute_only` (the same attention
@@ -19,9 +20,23 @@ overlap) and `overlapped` (above). Each is captured with two layer counts L_lo <
 per-layer time is the slope (replay(L_hi) - replay(L_lo)) / (L_hi - L_lo): the steady state,
 with fill and drain cancelled. The slowest rank's median replay counts. `sms_during_flight` =
 SMs our communication holds while data is in flight (0 for copy engines; the send kernel's
-blocks for sm; unknown, None, for NCCL's own kernel). Target (issue 5, 4 H200): overlapped at
-most 1.1x compute_only. Writes decode_overlap_ws{N}.json; lockstep cases, per-case stall guard
-and partial results as in decode_bench.py.
+blocks for sm; unknown, None, for NCCL's own kernel). `hidden_comm_share` = share of the
+sequential layer's communication time (sequential - compute_only) that the overlapped layer hid.
+Target (issue 5, 4 H200): overlapped at most 1.1x compute_only.
+
+What can hide: only the time a transfer is in flight with no SM held (the copies, and the
+dependency latency before and after them). The pack and hook kernels hold SMs on the compute
+stream, so they add to the layer in every schedule: overlap cannot beat compute_only + their
+time (~120 us per layer on 2 H200 in the first decode trace: dispatch pack 11 us, dispatch hook
+24 us, combine pack 15 us, combine hook 9 us per micro-batch). `--profile` measures them.
+
+`--profile DIR` (off by default) also traces `--profile-steps` replays of compute_only and of
+each transport's sequential and overlapped layer at L_hi with torch.profiler (one
+Chrome trace per rank: DIR/decode_overlap_{schedule}[_{transport}]_ws{N}_rank{r}.json.gz) and
+adds `op="trace"` rows: overlap.profiling's breakdown of each rank's trace (zero-SM transfer
+time and the share compute covered, SM-holding comm kernel time, time hooks waited for a peer,
+GPU idle share), per replay and per layer. Writes decode_overlap_ws{N}.json; lockstep cases,
+per-case stall guard and partial results as in decode_bench.py.
 """
 from __future__ import annotations
 
@@ -39,6 +54,14 @@ from decode_bench import (CaseRunner, ResultsSink, add_run_arguments, add_size_a
                           check_run_arguments, launch, rank_device, release, sms_in_flight, time_case)
 
 TARGET_RATIO = 1.1   # overlapped / compute_only, issue 5 (4 H200)
+# The copy-engine transport copies into peer memory mapped on this GPU, which the profiler may record
+# as a device-to-device copy on the local GPU rather than as a peer copy. The decode layer issues no
+# local cudaMemcpy of its own, so every such copy in its trace is a transfer.
+COPY_ENGINE_COMM = (r"^Memcpy DtoD",)
+# Figures of overlap.profiling's analysis that the op="trace" rows carry, per replay.
+TRACE_KEYS = ("span_us", "busy_us", "comm_us", "compute_us", "overlapped_us", "exposed_us", "transfer_us",
+              "transfer_overlapped_us", "comm_kernel_us", "comm_wait_us", "idle_us", "host_bound",
+              "copy_start_lag_us", "comm_sms_mode", "comm_mean_sms")
 
 
 class MLALikeAttention:
@@ -131,16 +154,32 @@ def run_overlapped(attn, ll, mbs, layers, transport):
         hook_db()
         xb, hook_cb = send_combine(rb, hb)
         a2 = attn.part2(a1)                          # cB flies
-        hook_cb()
+        # dA's pack first, while a2 is fresh in L2; cB gets the pack's time too before its hook.
         ra, ha, hook_da = send_dispatch(a2, A)
+        hook_cb()
         b1 = None if last else attn.part1(xb)        # dA flies (drain: nothing left to cover it)
         hook_da()
         xa, hook_ca = send_combine(ra, ha)
         b2 = None if last else attn.part2(b1)        # cA flies
-        hook_ca()
         if not last:
             rb, hb, hook_db = send_dispatch(b2, B)
+        hook_ca()
     return xa, xb
+
+
+def graph_of(fn, warmup: int = 2):
+    """``fn`` captured in a CUDA graph (replay with ``.replay()``), after ``warmup`` eager calls on a
+    side stream (allocator, cuBLAS workspaces, and the low-latency state's lazy setup)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 # ------------------------------------------------------------------------------------ rank body
@@ -188,6 +227,34 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
         return {"replay_us_lo": times[lo], "replay_us_hi": times[hi],
                 "time_us": (times[hi] - times[lo]) / (hi - lo)}, None
 
+    def profile(label, make_fn, check=None):
+        """--profile: trace replays of the L_hi layer on every rank -> the case's result (each rank's
+        trace path), or None without --profile."""
+        if not args.profile:
+            return None
+        prefix = os.path.join(args.profile, f"decode_overlap_{label}_ws{world_size}.json.gz")
+
+        def case():
+            from overlap.profiling import capture_trace
+
+            fn = make_fn(hi)
+            step = graph_of(fn).replay if args.timing == "graph" else fn
+            # The runner has just lined the ranks up; a process-group barrier would put NCCL in the
+            # control path the runner keeps it out of.
+            path = capture_trace(step, prefix, warmup=1, active=args.profile_steps, barrier=False)
+            if check is not None:
+                check()
+            return path
+
+        return runner.run(f"{label}: profile {args.profile_steps} replays at L={hi}", case)
+
+    def add_traces(cases, comm=()):
+        """Rank 0: op=trace rows of profiled (row, result) pairs analysed together."""
+        cases = [(where, res) for where, res in cases if res is not None]
+        if rank == 0 and cases:
+            for row in trace_rows(cases, args.profile_steps, hi, args.profile, comm=comm):
+                sink.add(row)
+
     compute_row = {**base, "schedule": "compute_only", "backend": "none", "transport": None}
     res = runner.run("compute setup (attention weights, KV cache, micro-batches)", setup_compute)
     if not res.ok:
@@ -199,6 +266,9 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
         sink.add({**compute_row, "error": err})
         return
     sink.add({**compute_row, "num_sms": None, "sms_during_flight": None, **compute, "ratio_to_compute_only": 1.0})
+    add_traces([(compute_row, profile("compute_only", lambda L: (lambda: run_compute_only(attn, mbs, L))))])
+    # The communication a layer may still expose and meet the target.
+    budget = (TARGET_RATIO - 1.0) * compute["time_us"]
 
     sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
     for transport in args.transports:
@@ -213,7 +283,7 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
         ll = holder["ll"]
         per_op = [sms_in_flight(transport, op, T, world_size, T, H, sm_count) for op in ("dispatch", "combine")]
         sms = None if None in per_op else max(per_op)
-        measured = {}
+        measured, profiled = {}, []
         for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
             fields, err = per_layer(f"{transport}: {schedule}",
                                     lambda L, run=run, tr=transport: (lambda: run(attn, ll, mbs, L, tr)),
@@ -228,11 +298,54 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
             if schedule == "overlapped":
                 row["target_ratio"] = TARGET_RATIO
                 row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
+                row["exposed_budget_us_per_layer"] = budget
                 comm = measured["sequential"] - compute["time_us"]
                 if comm > 0:
                     # Share of the sequential layer's communication time that the overlap hid.
                     row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
             sink.add(row)
+            res = profile(f"{schedule}_{transport}", lambda L, run=run, tr=transport: (lambda: run(attn, ll, mbs, L, tr)),
+                          check=ll.check_status)
+            profiled.append(({**where, "schedule": schedule}, res))
+            if res is not None and not res.ok:
+                break   # this transport's state may be out of step: leave it
+        # Both schedules' traces together: the sequential hooks' time beyond the overlapped ones'
+        # fastest launch is their wait for data in flight.
+        add_traces(profiled, comm=COPY_ENGINE_COMM if transport == "copy_engine" else ())
+
+
+def trace_rows(cases: list, steps: int, layers: int, out_dir: str, comm=()) -> list:
+    """``op="trace"`` rows of profiled cases, ``[(row fields, CaseResult)]`` (``res.values``: each
+    rank's trace path). The traces of all of them are analysed together, so one wait baseline
+    (each comm kernel's fastest launch in any of them) serves every rank and schedule. Figures are
+    per replay and per layer (a replay holds ``layers`` layers, fill and drain included)."""
+    from overlap.profiling import analyze_ranks
+
+    out, paths, owners = [], [], []
+    for where, res in cases:
+        row = {**where, "op": "trace", "profile_steps": steps, "layers": layers}
+        if not res.ok:
+            out.append({**row, "error": res.error_text()[:500]})
+            continue
+        for rank, path in enumerate(res.values):
+            paths.append(path)
+            owners.append({**row, "rank": rank, "trace_file": os.path.relpath(path, out_dir)})
+    for row, a in zip(owners, analyze_ranks(paths, comm=comm) if paths else []):
+        dev = max(a.devices, key=lambda d: (d.comm_us, d.busy_us))
+        figures = {k: getattr(dev, k) for k in TRACE_KEYS}
+        per_replay = {f"{k}_per_replay": (v / steps if isinstance(v, float) else v) for k, v in figures.items()
+                      if k not in ("host_bound", "copy_start_lag_us", "comm_sms_mode", "comm_mean_sms")}
+        per_layer = {f"{k}_per_layer": figures[k] / steps / layers
+                     for k in ("comm_kernel_us", "transfer_us", "comm_wait_us", "exposed_us")
+                     if isinstance(figures[k], float)}
+        share = dev.transfer_overlap_share
+        out.append({**row, "mode": a.mode, **per_replay, **per_layer,
+                    "host_bound": figures["host_bound"], "copy_start_lag_us": figures["copy_start_lag_us"],
+                    "comm_sms_mode": figures["comm_sms_mode"], "comm_mean_sms": figures["comm_mean_sms"],
+                    "overlap_pct": None if dev.overlap_share is None else 100.0 * dev.overlap_share,
+                    "transfer_overlap_pct": None if share is None else 100.0 * share,
+                    "idle_pct": None if dev.idle_share is None else 100.0 * dev.idle_share})
+    return out
 
 
 def _setup_transport(args, dev):
@@ -254,31 +367,69 @@ def main(argv=None):
     p.add_argument("--ctx", type=int, default=1024, help="KV-cache length each token attends over")
     p.add_argument("--layers", type=int, nargs=2, default=[2, 6], metavar=("L_LO", "L_HI"),
                    help="the two layer counts captured per schedule; per-layer time is the slope between them")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also trace compute_only and each transport's sequential and overlapped layer at L_HI with "
+                        "torch.profiler, one Chrome trace per rank in DIR, and add op=trace rows (off by default)")
+    p.add_argument("--profile-steps", type=int, default=3, help="replays per profiled trace")
     add_run_arguments(p, warmup=3, iters=20)
     args = p.parse_args(argv)
     lo, hi = args.layers
     if not 1 <= lo < hi:
         p.error(f"--layers needs 1 <= L_LO < L_HI, got {lo} {hi}")
+    if args.profile_steps < 1:
+        p.error(f"--profile-steps must be >= 1, got {args.profile_steps}")
+    if args.profile is not None:
+        args.profile = os.path.abspath(args.profile)
     check_run_arguments(p, args, gpus)
     print(f"[decode_overlap] {args.world_size} GPUs: 2 micro-batches x {args.tokens} tokens/rank, hidden {args.hidden}, "
           f"{args.heads} heads, ctx {args.ctx}, top-{args.topk} of {args.experts} experts, layers {lo} and {hi}, "
           f"transports {' '.join(args.transports)}, timing {args.timing}", flush=True)
     rows = launch("decode_overlap", _rank, args, argv)
-    print(f"\n{'schedule':<14}{'transport':<13}{'SMs in flight':>14}{'us/layer':>10}{'x compute':>11}")
-    for r in rows:
+    print_summary(rows)
+    print(f"[decode_overlap] wrote {args.results_path}", flush=True)
+    if any("error" in r for r in rows):
+        sys.exit(1)
+    return rows
+
+
+def print_summary(rows: list) -> None:
+    """The per-layer table (and, with --profile, each traced replay's breakdown)."""
+    layer_rows = [r for r in rows if r["op"] == "decode_layer"]
+    print(f"\n{'schedule':<14}{'transport':<13}{'SMs in flight':>14}{'us/layer':>10}{'x compute':>11}"
+          f"{'exposed us':>12}{'hidden':>8}")
+    for r in layer_rows:
         if "time_us" not in r:
             print(f"{r['schedule']:<14}{str(r.get('transport') or '-'):<13} failed: {r['error']}")
             continue
         sms = "-" if r["sms_during_flight"] is None else r["sms_during_flight"]
+        exposed = "-" if "exposed_us_per_layer" not in r else f"{r['exposed_us_per_layer']:.1f}"
+        hidden = "-" if "hidden_comm_share" not in r else f"{100 * r['hidden_comm_share']:.0f}%"
         verdict = ""
         if "meets_target" in r:
-            verdict = f"  target <= {TARGET_RATIO}: {'met' if r['meets_target'] else 'NOT met'}"
+            verdict = (f"  target <= {TARGET_RATIO} (exposed <= {r['exposed_budget_us_per_layer']:.0f} us): "
+                       f"{'met' if r['meets_target'] else 'NOT met'}")
         print(f"{r['schedule']:<14}{str(r['transport'] or '-'):<13}{sms:>14}{r['time_us']:>10.1f}"
-              f"{r['ratio_to_compute_only']:>11.3f}{verdict}")
-    print(f"[decode_overlap] wrote {args.results_path}", flush=True)
-    if any("time_us" not in r for r in rows):
-        sys.exit(1)
-    return rows
+              f"{r['ratio_to_compute_only']:>11.3f}{exposed:>12}{hidden:>8}{verdict}")
+    traces = [r for r in rows if r["op"] == "trace"]
+    if traces:
+        print(f"\ntraced replays (per layer, fill and drain included): {'schedule':<13}{'transport':<13}{'rank':>5}"
+              f"{'comm kernels us':>16}{'waiting us':>11}{'transfers us':>13}{'under compute':>14}{'GPU idle':>9}")
+        for r in traces:
+            if "error" in r:
+                print(f"{'':<52}{r['schedule']:<13}{str(r.get('transport') or '-'):<13} failed: {r['error']}")
+                continue
+            print(f"{'':<52}{r['schedule']:<13}{str(r.get('transport') or '-'):<13}{r['rank']:>5}"
+                  f"{_num(r.get('comm_kernel_us_per_layer')):>16}{_num(r.get('comm_wait_us_per_layer')):>11}"
+                  f"{_num(r.get('transfer_us_per_layer')):>13}{_pct(r.get('transfer_overlap_pct')):>14}"
+                  f"{_pct(r.get('idle_pct')):>9}")
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.0f}%"
 
 
 if __name__ == "__main__":

@@ -243,6 +243,16 @@ def test_overlapped_schedule_does_the_sequential_work_under_cover(layers):
     # Only A's last dispatch and combine (the drain) fly with no attention part to cover them.
     assert sorted((kind, tag) for kind, tag, _ in exposed) == [("combine", "A"), ("dispatch", "A")]
     assert max(fakes["overlapped"].max_in_flight.values()) == 1
+    # Hooks as late as their results allow: a combine's hook runs just before the attention that
+    # reads its output (after any send that does not need it), a dispatch's just before its combine.
+    log = logs["overlapped"]
+    for i, (what, op) in enumerate(log):
+        if what == "hook":
+            after = log[i + 1] if i + 1 < len(log) else None
+            if op[0] == "combine":   # (at the drain, the next hook follows at once)
+                assert after is None or after[0] in ("compute", "hook"), (i, log[i - 2:i + 2])
+            else:
+                assert after[0] == "send" and after[1][:2] == ("combine", op[1]), (i, log[i - 2:i + 2])
 
 
 # ---------------------------------------------------------------------------------------------- rank bodies
@@ -308,6 +318,8 @@ def _script_args(script, tmp_path, *extra):
                        ("--experts", int), ("--heads", int), ("--ctx", int)):
         p.add_argument(flag, type=kind, default=64)
     p.add_argument("--layers", type=int, nargs=2, default=[1, 2])
+    p.add_argument("--profile", default=None)
+    p.add_argument("--profile-steps", type=int, default=2)
     decode_bench.add_run_arguments(p, warmup=1, iters=3)
     args = p.parse_args(argv)
     args.world_size = 2
@@ -339,22 +351,45 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert r["num_sms"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
 
 
-def test_overlap_rank_body_reports_every_schedule(tmp_path):
-    args = _script_args("decode_overlap", tmp_path, "--timing", "eager", "--heads", "4", "--ctx", "8")
+def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, capsys):
+    """Every schedule of every transport measured in lockstep; with --profile, one trace per
+    (schedule, rank) too, analysed into op=trace rows, and the table prints them."""
+    prof = tmp_path / "prof"
+    args = _script_args("decode_overlap", tmp_path, "--timing", "eager", "--heads", "4", "--ctx", "8",
+                        "--profile", str(prof), "--profile-steps", "2")
     rows = run_distributed(_overlap_body, 2, args, backend="gloo", timeout_s=120)[0]
     data = json.loads(open(args.results_path).read())
     assert data["meta"]["partial"] is False and data["meta"]["target_ratio"] == decode_overlap.TARGET_RATIO
-    assert [(r["schedule"], r["transport"]) for r in rows] == [("compute_only", None)] + [
+    assert data["rows"] == rows
+    layer = [r for r in rows if r["op"] == "decode_layer"]
+    assert [(r["schedule"], r["transport"]) for r in layer] == [("compute_only", None)] + [
         (s, t) for t in ("copy_engine", "sm", "nccl") for s in ("sequential", "overlapped")]
-    base = rows[0]["time_us"]
-    for r in rows:
-        assert r["op"] == "decode_layer" and r["layers_lo"] == 1 and r["layers_hi"] == 2
+    base = layer[0]["time_us"]
+    for r in layer:
+        assert r["layers_lo"] == 1 and r["layers_hi"] == 2
         assert r["time_us"] == pytest.approx(r["replay_us_hi"] - r["replay_us_lo"])
         assert r["ratio_to_compute_only"] == pytest.approx(r["time_us"] / base)
-    for r in rows[1:]:
+    for r in layer[1:]:
         sm_blocks = decode_bench.send_kernel_blocks("combine", 6, 2, 6, 64)   # the larger of the two sends
         assert r["sms_during_flight"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
         assert ("meets_target" in r) == (r["schedule"] == "overlapped")
+        if r["schedule"] == "overlapped":
+            assert r["exposed_budget_us_per_layer"] == pytest.approx((decode_overlap.TARGET_RATIO - 1) * base)
+    traces = [r for r in rows if r["op"] == "trace"]
+    assert [(r["schedule"], r["transport"], r["rank"]) for r in traces] == [
+        (r["schedule"], r["transport"], rank) for r in layer for rank in (0, 1)]
+    for r in traces:
+        assert "error" not in r, r
+        path = prof / r["trace_file"]
+        assert path.name == (f"decode_overlap_{r['schedule']}{'' if r['transport'] is None else '_' + r['transport']}"
+                             f"_ws2_rank{r['rank']}.json.gz")
+        assert path.stat().st_size > 0
+        assert r["mode"] == "cpu" and r["profile_steps"] == 2 and r["layers"] == 2
+        assert r["span_us_per_replay"] > 0 and r["transfer_us_per_replay"] is None   # CPU: no copies
+        assert all(not isinstance(v, (dict, list, tuple)) for v in r.values())
+    decode_overlap.print_summary(rows)
+    out = capsys.readouterr().out
+    assert "traced replays" in out and out.count("overlapped") >= 6 and "failed" not in out
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -363,6 +398,7 @@ def test_overlap_rank_body_reports_every_schedule(tmp_path):
     (decode_overlap, ["--world-size", "64"], "needs 64 GPUs"),
     (decode_overlap, ["--layers", "3", "3"], "L_LO < L_HI"),
     (decode_overlap, ["--layers", "0", "2"], "L_LO < L_HI"),
+    (decode_overlap, ["--profile-steps", "0"], "--profile-steps must be >= 1"),
 ])
 def test_bad_arguments_are_rejected_before_any_rank_starts(script, argv, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -10,6 +10,52 @@ namespace {
 using namespace dev;
 constexpr int kIters = kChunk / 256;
 
+// acc += w_k * row_k[c0, c0 + kChunk) over the rows the warp-uniform mask `todo` selects, in
+// ascending k, two rows' loads in flight per step (a loop of one row per step paid a full
+// memory round trip per row). `row(k)` returns the row's first channel and its weight; it may
+// shuffle, so every lane calls it. kCoherent: the rows were written by another GPU (L2 loads);
+// otherwise they are read-only for the kernel's lifetime (the non-coherent path).
+template <bool kCoherent, typename RowFn>
+__device__ __forceinline__ void accumulate_rows(unsigned todo, RowFn row, int64_t c0, int64_t H, int lane,
+                                                float (&acc)[kIters][8]) {
+  while (todo != 0) {
+    const int k0 = __ffs(todo) - 1;
+    todo &= todo - 1;
+    const int k1 = todo != 0 ? __ffs(todo) - 1 : -1;
+    if (k1 >= 0) todo &= todo - 1;
+    int4 v[2][kIters];
+    float w[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const bool use = h == 0 || k1 >= 0;
+      const auto [src, weight] = row(h == 0 || k1 < 0 ? k0 : k1);
+      w[h] = weight;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        const int64_t ch = c0 + (it * 32 + lane) * 8;
+        const int4* p = reinterpret_cast<const int4*>(src + ch);
+        v[h][it] = use && ch < H ? (kCoherent ? __ldcg(p) : __ldg(p)) : make_int4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (h == 1 && k1 < 0) break;
+#pragma unroll
+      for (int it = 0; it < kIters; ++it) {
+        float f[8];
+        unpack8(v[h][it], f);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) acc[it][u] += w[h] * f[u];
+      }
+    }
+  }
+}
+
+struct RowRef {
+  const __nv_bfloat16* src;
+  float weight;
+};
+
 __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendParams p) {
   __shared__ uint64_t s_n;
   __shared__ int s_flag;
@@ -29,30 +75,28 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendP
     const int64_t i = j % M;
     if (i >= s_src[r]) continue;
     const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
+    // Lane k holds entry k of the row (local expert, weight, row in the expert's block): one
+    // round of loads for all k, where a loop over k paid K dependent round trips.
+    int e_l = -1, pos_l = 0;
+    float w_l = 0.f;
+    if (lane < K) {
+      e_l = p.row_expert[j * K + lane];
+      if (e_l >= 0) {
+        w_l = p.row_weight[j * K + lane];
+        pos_l = p.row_pos[j * K + lane];
+      }
+    }
+    const unsigned todo = __ballot_sync(0xffffffffu, e_l >= 0);   // the k with a local expert
     float acc[kIters][8];
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[it][u] = 0.f;
-    for (int k = 0; k < K; ++k) {
-      const int e = p.row_expert[j * K + k];
-      if (e < 0) continue;
-      const float w = p.row_weight[j * K + k];
-      const __nv_bfloat16* src = y + (static_cast<int64_t>(e) * rows + p.row_pos[j * K + k]) * H;
-      int4 v[kIters];
-#pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        const int64_t ch = c0 + (it * 32 + lane) * 8;
-        v[it] = ch < H ? __ldg(reinterpret_cast<const int4*>(src + ch)) : make_int4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        float f[8];
-        unpack8(v[it], f);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) acc[it][u] += w * f[u];
-      }
-    }
+    accumulate_rows<false>(todo, [&](int k) {
+      const int e = __shfl_sync(0xffffffffu, e_l, k);
+      const int pos = __shfl_sync(0xffffffffu, pos_l, k);
+      return RowRef{y + (static_cast<int64_t>(e) * rows + pos) * H, __shfl_sync(0xffffffffu, w_l, k)};
+    }, c0, H, lane, acc);
     char* dst = send_region(c, r) + kRegionHeader + i * c.row_stride;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
@@ -82,24 +126,12 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
     for (int it = 0; it < kIters; ++it)
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[it][u] = 0.f;
-    for (unsigned m = from; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
+    // Sum the rows of every source that got the token (weights were applied on the expert side).
+    accumulate_rows<true>(from, [&](int d) {
       const int row = __shfl_sync(0xffffffffu, my_slot, d);
-      const int4* src = reinterpret_cast<const int4*>(recv_region(c, d) + kRegionHeader + row * c.row_stride);
-      int4 v[kIters];
-#pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        const int64_t ch = c0 + (it * 32 + lane) * 8;
-        v[it] = ch < H ? __ldcg(src + ch / 8) : make_int4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        float f[8];
-        unpack8(v[it], f);
-#pragma unroll
-        for (int u = 0; u < 8; ++u) acc[it][u] += f[u];
-      }
-    }
+      return RowRef{reinterpret_cast<const __nv_bfloat16*>(recv_region(c, d) + kRegionHeader + row * c.row_stride),
+                    1.f};
+    }, c0, H, lane, acc);
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int64_t ch = c0 + (it * 32 + lane) * 8;

@@ -4,6 +4,7 @@
 * :func:`load_trace` — read any PyTorch-profiler / Chrome trace (optionally gzipped);
 * :class:`Classifier` — communication vs compute by kernel/op name, with user regexes;
 * :func:`analyze_trace` — per-stream busy time, overlap share, exposed comm, grid/SMs per kernel;
+* :func:`comm_breakdown` — comm split into zero-SM transfers, SM-holding comm kernels, waiting, idle;
 * :func:`plot_timeline` — a timeline PNG, one lane per stream.
 
 CLI: ``python -m overlap.profiling.analyze TRACE [--png out.png] [--json out.json] [--sms 132]``.
@@ -13,7 +14,9 @@ import importlib
 # Names resolve lazily (PEP 562) so `python -m overlap.profiling.analyze` does not find its own
 # module already imported by the package, and importing the package stays cheap.
 _EXPORTS = {
-    "analyze": ("DeviceStats", "KernelStats", "StreamStats", "TraceAnalysis", "analyze_trace", "short_kernel_name"),
+    "analyze": ("DeviceStats", "KernelStats", "StreamStats", "TraceAnalysis", "analyze_ranks", "analyze_trace",
+                "short_kernel_name"),
+    "breakdown": ("CommBreakdown", "comm_breakdown", "kernel_minima"),
     "capture": ("capture_trace", "trace_path"),
     "classify": ("COMM", "COMPUTE", "Classifier", "kernel_class"),
     "timeline": ("plot_timeline",),

@@ -4,9 +4,12 @@ What is measured, per device (a GPU, or a host process for CPU-only traces):
 
 * per stream (GPU) or thread (CPU): busy time = length of the union of its events;
 * ``comm`` = union of every communication interval on the device, ``compute`` = union of every
-  compute interval (see :mod:`overlap.profiling.classify`). Within one lane, time covered by a
-  comm event is comm even where a compute event encloses it: CPU ops nest (a ``c10d::`` call
-  contains ``aten::`` children), GPU streams run one kernel at a time so nothing changes there;
+  compute interval (see :mod:`overlap.profiling.classify`). Within one CPU thread, time covered
+  by a comm op is comm even where a compute op encloses it (ops nest: a ``c10d::`` call contains
+  ``aten::`` children). GPU events are never nested: eager work on one stream runs one at a
+  time, and where events of one stream do overlap (nodes of a CUDA-graph replay may all be
+  reported on the launch stream) they ran concurrently, so a comm copy under a compute kernel
+  counts as overlapped there too;
 * ``overlapped = |comm ∩ compute|``, ``overlap_share = overlapped / |comm|``, and
   ``exposed = |comm| - overlapped`` (comm with no compute running anywhere on the device);
 * ``span`` = first start to last end of the device's events; ``exposed_share_of_span``;
@@ -14,7 +17,10 @@ What is measured, per device (a GPU, or a host process for CPU-only traces):
   most one block per SM (persistent kernels: DeepEP's, this project's comm kernels, GEMMs
   sized to 112 CTAs) holds exactly ``blocks`` SMs for its whole life (``single_wave``); a
   larger grid runs in waves and is reported as holding all SMs. Copies use copy engines and
-  hold 0 SMs. Time-weighted SM figures per class summarise this.
+  hold 0 SMs. Time-weighted SM figures per class summarise this;
+* GPU traces also get :mod:`overlap.profiling.breakdown`'s split of comm into zero-SM transfers
+  (and how much of them compute covered), SM-holding comm kernels, time those kernels spent
+  waiting (beyond their fastest launch), and the GPU's idle share (a host-paced trace).
 
 GPU work is analysed when the trace has any; otherwise CPU ops and record_function ranges
 (gloo labels its collectives ``gloo:<op>`` on its own threads; only annotations classed as
@@ -40,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Sequence
 
 from overlap.profiling import intervals as iv
+from overlap.profiling.breakdown import FIGURES as BREAKDOWN_FIGURES
+from overlap.profiling.breakdown import breakdown_events, comm_breakdown, kernel_minima
 from overlap.profiling.classify import COMM, COMPUTE, Classifier
 from overlap.profiling.trace import Trace, TraceEvent, load_trace
 
@@ -106,6 +114,17 @@ class DeviceStats:
     compute_mean_sms: float | None = None
     compute_sms_mode: int | None = None
     compute_sms_under_comm_mode: int | None = None  # SMs of the compute that runs beside comm
+    # overlap.profiling.breakdown (GPU traces): transfers that hold no SM vs SM-holding comm kernels.
+    transfer_us: float | None = None
+    transfer_overlapped_us: float | None = None
+    transfer_overlap_share: float | None = None
+    comm_kernel_us: float | None = None
+    comm_kernel_overlapped_us: float | None = None
+    comm_wait_us: float | None = None             # comm kernels' time beyond their fastest launch (waiting)
+    idle_us: float | None = None
+    idle_share: float | None = None
+    host_bound: bool | None = None                # GPU idle most of the span: launch-paced trace
+    copy_start_lag_us: float | None = None
 
 
 @dataclass
@@ -190,6 +209,18 @@ class TraceAnalysis:
             out.append(f"  communication {_ms(d.comm_us)} in {d.num_comm} events; overlapped by compute "
                        f"{_ms(d.overlapped_us)} = {ov}; exposed {_ms(d.exposed_us)} = {ex} of span")
             out.append(f"  compute       {_ms(d.compute_us)}")
+            if d.transfer_us is not None:
+                tov = "n/a" if d.transfer_overlap_share is None else f"{100 * d.transfer_overlap_share:.1f}%"
+                lag = "-" if d.copy_start_lag_us is None else f"{d.copy_start_lag_us:.1f} us"
+                out.append(f"  of which: transfers holding no SM {_ms(d.transfer_us)}, under compute {tov} "
+                           f"(median copy start lag after its comm kernel {lag}); comm kernels holding SMs "
+                           f"{_ms(d.comm_kernel_us)} ({_ms(d.comm_kernel_overlapped_us)} beside compute), "
+                           f"of it beyond each kernel's fastest launch (waiting, where launches do equal work) "
+                           f"{_ms(d.comm_wait_us)}")
+                idle = "n/a" if d.idle_share is None else f"{100 * d.idle_share:.1f}%"
+                out.append(f"  GPU idle {_ms(d.idle_us)} = {idle} of span"
+                           + ("  <- launch-bound: this trace shows the host's pace, not the device schedule "
+                              "(trace a CUDA-graph replay)" if d.host_bound else ""))
             if d.comm_mean_sms is not None or d.compute_mean_sms is not None:
                 out.append(f"  SMs held (time-weighted mean / most common): comm {_f(d.comm_mean_sms)} / "
                            f"{_f(d.comm_sms_mode)}, compute {_f(d.compute_mean_sms)} / {_f(d.compute_sms_mode)}, "
@@ -322,12 +353,14 @@ def _mode_weighted(weights: dict) -> int | None:
 
 def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier: Classifier | None = None,
                   comm: Iterable[str] = (), compute: Iterable[str] = (), num_sms: int | None = None,
-                  source: str = "auto") -> TraceAnalysis:
+                  source: str = "auto", wait_baseline_us: dict | None = None) -> TraceAnalysis:
     """Analyse a trace (a :class:`Trace`, a path, or parsed JSON); see the module docstring.
 
     ``comm``/``compute`` add classification regexes (ignored when ``classifier`` is given);
     ``num_sms`` overrides the SM count read from the trace's ``deviceProperties``;
-    ``source`` picks ``"gpu"`` or ``"cpu"`` events (``"auto"``: GPU if the trace has any).
+    ``source`` picks ``"gpu"`` or ``"cpu"`` events (``"auto"``: GPU if the trace has any);
+    ``wait_baseline_us``: fastest durations of comm kernels from other traces (e.g. every rank's,
+    :func:`overlap.profiling.breakdown.kernel_minima`) for the ``comm_wait_us`` estimate.
     """
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -353,7 +386,9 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
         evs = by_lane[lane]
         comm_u = iv.union((e.ts, e.end) for e, c in evs if c == COMM)
         all_u = iv.union((e.ts, e.end) for e, _ in evs)
-        comp_u = iv.subtract(iv.union((e.ts, e.end) for e, c in evs if c == COMPUTE), comm_u)
+        comp_u = iv.union((e.ts, e.end) for e, c in evs if c == COMPUTE)
+        if mode == "cpu":
+            comp_u = iv.subtract(comp_u, comm_u)   # nested CPU ops: the enclosing comm op owns the time
         lane_intervals[lane] = (comm_u, comp_u)
         streams.append(StreamStats(device=lane[0], stream=lane[1], label=trace.lane_name(lane),
                                    num_events=len(evs), num_comm=sum(c == COMM for _, c in evs),
@@ -380,6 +415,7 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
             exposed_share_of_span=iv.total(exposed_u) / span if span > 0 else None)
         if mode == "gpu":
             _sm_figures(stats, evs, dev_sms, comm_u)
+            _breakdown_figures(stats, breakdown_events(dev, evs, comp_u, baseline_us=wait_baseline_us))
         devices.append(stats)
 
     kernels = _kernel_table(classified, {d.device: d.num_sms for d in devices})
@@ -387,6 +423,29 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
     return TraceAnalysis(source=trace.path, mode=mode, devices=devices, streams=streams, kernels=kernels,
                          lane_intervals=lane_intervals, exposed_intervals=exposed_intervals,
                          classified=classified, start_us=start)
+
+
+def _breakdown_figures(stats: DeviceStats, b) -> None:
+    for name in BREAKDOWN_FIGURES:
+        setattr(stats, name, getattr(b, name))
+
+
+def analyze_ranks(traces: Sequence, **kwargs) -> list[TraceAnalysis]:
+    """:func:`analyze_trace` of one trace per rank, with one wait baseline for all of them.
+
+    A hook kernel that waited for a lagging peer in every launch has no fast launch of its own
+    to compare with; the fastest launch of the same kernel on any rank is the baseline instead
+    (``comm_wait_us``). ``kwargs`` go to :func:`analyze_trace`.
+    """
+    if "wait_baseline_us" in kwargs:
+        raise TypeError("analyze_ranks computes wait_baseline_us itself (from every rank's trace)")
+    analyses = [analyze_trace(t, **kwargs) for t in traces]
+    gpu = [a for a in analyses if a.mode == "gpu"]
+    baseline = kernel_minima(a.classified for a in gpu)
+    for a in gpu:
+        for d in a.devices:
+            _breakdown_figures(d, comm_breakdown(a, d.device, baseline_us=baseline))
+    return analyses
 
 
 def _sm_figures(stats: DeviceStats, evs: Sequence[tuple[TraceEvent, str]], num_sms: int | None,
