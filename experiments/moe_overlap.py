@@ -21,11 +21,19 @@ trace per rank of the overlapped and of the serialized step goes to ``--out/trac
 share of communication time overlapped by compute (``hidden_pct``, target >= 90%; DeepSeek's
 trace: 96.3%) is computed from each with ``overlap.profiling.analyze``.
 
+Budget mode (``--budget``; ``auto``, the default, turns it on for kernel backends or when a size
+below is given, off for ``torch``): every dispatch is sized by ``--num-worst-tokens`` (default:
+EP ranks x tokens per rank, always enough) and the expert rows by ``--expert-capacity``
+(default: the safe bound), so no step waits on the host (``overlap.moe.budget``); ``off`` sizes
+buffers by the rows that arrive (host syncs). Rows record the mode (``token_budget``,
+``num_worst_tokens``, ``expert_capacity``) and the rows that really arrived (``recv_rows_max``,
+``expert_pairs_max``), i.e. how much of the budget is padding.
+
 PP mode (``--pp 2``): DualPipeV over the PP groups with an MoE stage pair per rank; a whole
 step is timed with the hook overlapping and with it running F then B, and traced.
 
 Results: ``--out/moe_overlap_ws{N}.json`` (``moe_overlap_cpu_ws{N}.json`` with ``--cpu``,
-``..._pp{P}`` appended in PP mode) in the DESIGN.md section 5 format, plus a timeline PNG of
+``..._pp{P}`` appended in PP mode, ``..._budget`` in budget mode) in the DESIGN.md section 5 format, plus a timeline PNG of
 rank 0's overlapped trace in ``--figures``.
 """
 from __future__ import annotations
@@ -63,6 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--figures", default=os.path.join(HERE, "figures"), help="timeline PNG goes here ('' for none)")
     p.add_argument("--backend", default="auto", help="EPBuffer backend ('auto': the fastest built here)")
     p.add_argument("--num-sms", type=int, default=20, help="SMs for communication (NCCL max_ctas of the EP group)")
+    p.add_argument("--budget", choices=("auto", "on", "off"), default="auto",
+                   help="fixed-size (sync-free) MoE buffers; auto: on for kernel backends or when a size below is "
+                        "given, off for torch")
+    p.add_argument("--num-worst-tokens", type=int, default=None,
+                   help="rows of every dispatch in budget mode (default: EP ranks x tokens per rank)")
+    p.add_argument("--expert-capacity", type=int, default=None,
+                   help="expert-major rows in budget mode (default: the safe bound, num_worst_tokens * min(topk, "
+                        "local experts))")
     for name in ("hidden", "heads", "experts", "topk", "expert-ffn", "shared-ffn", "batch", "seq", "layers",
                  "iters", "warmup"):
         p.add_argument(f"--{name}", type=int, default=None)
@@ -87,6 +103,8 @@ def parse_args(argv=None):
         p.error(f"--pp {args.pp} must divide --world-size {args.world_size}")
     if args.chunks is None:
         args.chunks = 4 * args.pp
+    if args.budget == "off" and (args.num_worst_tokens is not None or args.expert_capacity is not None):
+        p.error("--num-worst-tokens / --expert-capacity need budget mode (--budget on or auto)")
     return args
 
 
@@ -170,37 +188,50 @@ def _ep_chain(rank, args, stage, device, dtype):
     timed["comm_only"] = time_fn(lambda: replay_transfers(real, calls), warmup=args.warmup, iters=args.iters,
                                  barrier=barrier)
 
-    tag = _tag(args)
+    tag = args.tag
     traces = {"fb_overlapped": _trace(overlapped, args, f"{tag}_overlapped", rank, png=True),
               "fb_serialized": _trace(serialized, args, f"{tag}_serialized", rank, png=False)}
     torch.autograd.backward([chain["out"]], [g])   # finish the chain's last micro-batch
+    dispatched = [pending.wait() for op, _, pending in calls if op == "dispatch_forward"]
     return timed, traces, {"transfers_per_step": len(calls),
-                           "wire_bytes_per_step": _wire_bytes(calls, stage.buffer, x.element_size())}
+                           "wire_bytes_per_step": _wire_bytes(calls, stage.buffer, x.element_size()),
+                           "recv_rows_max": max(_received_rows(d) for d in dispatched),
+                           "expert_pairs_max": max(int(d.num_recv_tokens_per_expert.sum()) for d in dispatched)}
+
+
+def _received_rows(d) -> int:
+    """Rows a dispatch really delivered (a budgeted one's outputs hold more). Reads the host."""
+    if d.recv_rank_counts is not None:
+        return int(d.recv_rank_counts.sum())
+    return d.handle.num_recv_tokens
 
 
 def _wire_bytes(calls, buffer, elem_size):
-    """Token-row bytes this rank sends to other ranks in one step's transfers (ids/weights excluded)."""
+    """Token-row bytes this rank sends to other ranks in one step's transfers (ids/weights excluded).
+
+    Reads counts on the host: call it outside timed regions. The rows a rank keeps for itself
+    are the ones it sends to itself, whichever way they travel.
+    """
     me, total = buffer.rank, 0
     for op, args, pending in calls:
         d = pending.wait() if op == "dispatch_forward" else args[-1]
-        if d.send_counts is None or d.handle.recv_counts is None:
-            return None
+        send = d.handle.layout.num_tokens_per_rank.tolist()
         if op in ("dispatch_forward", "combine_backward"):       # tokens (or their grads) out
-            rows = sum(d.send_counts) - d.send_counts[me]
+            rows = sum(send) - send[me]
         else:                                                    # rows (or their grads) back
-            rows = d.handle.num_recv_tokens - d.handle.recv_counts[me]
+            rows = _received_rows(d) - send[me]
         total += rows * buffer.hidden * elem_size
     return total
 
 
-def _pp_steps(rank, args, groups, buffer, cfg, device, dtype):
+def _pp_steps(rank, args, groups, buffer, cfg, device, dtype, budget):
     """PP mode: DualPipeV over the PP groups, with the hook overlapping and without."""
     import torch.nn.functional as F
 
     from overlap.moe import MoEStage
     from overlap.pipeline import DualPipeV
 
-    mods = [MoEStage(cfg, buffer, num_layers=args.layers, dtype=dtype, device=device) for _ in range(2)]
+    mods = [MoEStage(cfg, buffer, num_layers=args.layers, dtype=dtype, device=device, **budget) for _ in range(2)]
     pipe = DualPipeV(mods, process_group=groups.pp_group)
     pipe.set_p2p_tensor_shapes([(args.batch, args.seq, args.hidden)])
     pipe.set_p2p_tensor_dtype(dtype)
@@ -226,15 +257,30 @@ def _pp_steps(rank, args, groups, buffer, cfg, device, dtype):
     barrier = _barrier(device)
     timed = {"step_overlapped": time_fn(with_overlap(True), warmup=args.warmup, iters=args.iters, barrier=barrier),
              "step_serialized": time_fn(with_overlap(False), warmup=args.warmup, iters=args.iters, barrier=barrier)}
-    tag = _tag(args)
+    tag = args.tag
     traces = {"step_overlapped": _trace(with_overlap(True), args, f"{tag}_overlapped", rank, png=True),
               "step_serialized": _trace(with_overlap(False), args, f"{tag}_serialized", rank, png=False)}
     return timed, traces, {}
 
 
-def _tag(args) -> str:
+def _tag(args, budget_on: bool) -> str:
     tag = f"moe_overlap{'_cpu' if args.cpu else ''}_ws{args.world_size}"
-    return tag + (f"_pp{args.pp}" if args.pp > 1 else "")
+    return tag + (f"_pp{args.pp}" if args.pp > 1 else "") + ("_budget" if budget_on else "")
+
+
+def _budget(args, buffer, cfg) -> dict:
+    """The MoEStage budget arguments ``--budget`` asks for on this buffer (empty: exact mode)."""
+    from overlap.moe import safe_expert_capacity, worst_case_tokens
+
+    sized = args.num_worst_tokens is not None or args.expert_capacity is not None
+    on = args.budget == "on" or (args.budget == "auto" and (buffer.backend_name != "torch" or sized))
+    if not on:
+        return {}
+    worst = args.num_worst_tokens if args.num_worst_tokens is not None else worst_case_tokens(buffer)
+    capacity = args.expert_capacity
+    if capacity is None:
+        capacity = safe_expert_capacity(worst, cfg.topk, buffer.num_local_experts)
+    return {"num_worst_tokens": worst, "expert_capacity": capacity}
 
 
 def _worker(rank, world_size, args):
@@ -247,26 +293,33 @@ def _worker(rank, world_size, args):
     tokens = args.batch * args.seq
     buffer = make_ep_buffer(cfg, groups.ep_group, tokens, backend=args.backend, num_sms=args.num_sms,
                             validate_values=False)
+    budget = _budget(args, buffer, cfg)
+    args.tag = _tag(args, bool(budget))
     torch.manual_seed(0)   # replicated weights identical on every rank
     if args.pp == 1:
         from overlap.moe import MoEStage
 
-        stage = MoEStage(cfg, buffer, num_layers=args.layers, dtype=dtype, device=device)
+        stage = MoEStage(cfg, buffer, num_layers=args.layers, dtype=dtype, device=device, **budget)
         timed, traces, extra = _ep_chain(rank, args, stage, device, dtype)
     else:
-        timed, traces, extra = _pp_steps(rank, args, groups, buffer, cfg, device, dtype)
+        timed, traces, extra = _pp_steps(rank, args, groups, buffer, cfg, device, dtype, budget)
     return {"rank": rank, "pp_rank": groups.pp_rank, "ep_rank": groups.ep_rank, "timed": timed,
-            "traces": traces, "backend": buffer.backend_name, **extra}
+            "traces": traces, "backend": buffer.backend_name, "tag": args.tag,
+            "budget": {"token_budget": "budget" if budget else "exact",
+                       "num_worst_tokens": budget.get("num_worst_tokens"),
+                       "expert_capacity": budget.get("expert_capacity")}, **extra}
 
 
 def _rows(args, per_rank):
     base = {"backend": per_rank[0]["backend"], "num_sms": args.num_sms, "num_tokens": args.batch * args.seq,
             "hidden": args.hidden, "topk": args.topk, "num_experts": args.experts, "expert_ffn": args.expert_ffn,
             "shared_ffn": args.shared_ffn, "layers": args.layers, "dtype": args.dtype, "pp": args.pp,
-            "ep": args.world_size // args.pp, "num_groups": args.groups, "topk_groups": args.topk_groups}
+            "ep": args.world_size // args.pp, "num_groups": args.groups, "topk_groups": args.topk_groups,
+            **per_rank[0]["budget"]}
     rows = []
     for r in per_rank:
         where = {"rank": r["rank"], "pp_rank": r["pp_rank"], "ep_rank": r["ep_rank"]}
+        where.update({k: r[k] for k in ("recv_rows_max", "expert_pairs_max") if k in r})
         for op, t in r["timed"].items():
             row = {"op": op, **base, **where, "time_us": t["time_us"], "min_us": t["min_us"],
                    "max_us": t["max_us"], "iters": t["iters"]}
@@ -295,7 +348,9 @@ def _rows(args, per_rank):
                         "bound_us": bound, "ratio_vs_bound": slowest[key] / bound, "target_ratio": TARGET_RATIO,
                         "meets_ratio_target": slowest[key] / bound <= TARGET_RATIO,
                         "transfers_per_step": per_rank[0]["transfers_per_step"],
-                        "wire_bytes_per_step_max": max((r["wire_bytes_per_step"] or 0) for r in per_rank)})
+                        "wire_bytes_per_step_max": max((r["wire_bytes_per_step"] or 0) for r in per_rank),
+                        "recv_rows_max": max(r["recv_rows_max"] for r in per_rank),
+                        "expert_pairs_max": max(r["expert_pairs_max"] for r in per_rank)})
     return rows, summary
 
 
@@ -310,7 +365,7 @@ def main(argv=None):
     meta = make_meta("moe_overlap", args.world_size, command=command, pp=args.pp,
                      note="times: slowest rank's median; hidden_pct: comm time overlapped by compute in each "
                           "rank's trace (overlap.profiling.analyze)")
-    path = write_results(os.path.join(args.out, f"{_tag(args)}.json"), meta, rows)
+    path = write_results(os.path.join(args.out, f"{per_rank[0]['tag']}.json"), meta, rows)
     print(f"{'op':<18}{'time_us (slowest rank)':>24}")
     for op in sorted({r['op'] for r in rows if 'time_us' in r}):
         print(f"{op:<18}{max(r['time_us'] for r in rows if r['op'] == op):>24.1f}")

@@ -500,24 +500,31 @@ def test_moe_in_dualpipev_on_pp2_x_ep2_gloo_ranks():
     assert all(r["pp_ep_dualpipev"] > 0 for r in per_rank), per_rank
 
 
-def test_experiment_runs_on_cpu(tmp_path):
-    """experiments/moe_overlap.py --cpu: the lead's check before GPU time."""
+@pytest.mark.parametrize("budget", ["auto", "on"])
+def test_experiment_runs_on_cpu(tmp_path, budget):
+    """experiments/moe_overlap.py --cpu: the lead's check before GPU time (auto: exact mode on
+    the torch backend; on: budget mode)."""
     import subprocess
     import sys
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "moe_overlap.py")
     proc = subprocess.run([sys.executable, path, "--cpu", "--out", str(tmp_path), "--figures", "", "--iters", "2",
-                           "--warmup", "1", "--trace-steps", "1", "--timeout", "150"],
+                           "--warmup", "1", "--trace-steps", "1", "--timeout", "150", "--budget", budget],
                           capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads((tmp_path / "moe_overlap_cpu_ws2.json").read_text())
+    tag = "moe_overlap_cpu_ws2" + ("_budget" if budget == "on" else "")
+    data = json.loads((tmp_path / f"{tag}.json").read_text())
     assert data["meta"]["world_size"] == 2 and data["meta"]["study"] == "moe_overlap"
     ops = {row["op"] for row in data["rows"]}
     assert {"fb_overlapped", "fb_serialized", "compute_only", "comm_only", "trace_fb_overlapped", "summary"} <= ops
     summary = next(row for row in data["rows"] if row["op"] == "summary")
-    assert summary["transfers_per_step"] == 4 and summary["bound_us"] > 0
+    assert summary["transfers_per_step"] == 4 and summary["bound_us"] > 0 and summary["wire_bytes_per_step_max"] > 0
+    assert summary["token_budget"] == ("budget" if budget == "on" else "exact")
+    if budget == "on":   # the default budget: world_size * tokens rows; what arrived fits in it
+        assert summary["num_worst_tokens"] == 2 * 32 and 0 < summary["recv_rows_max"] <= 64
+        assert summary["expert_capacity"] == 64 * 2 and summary["expert_pairs_max"] <= 128
     for rank in (0, 1):
-        assert (tmp_path / "traces" / f"moe_overlap_cpu_ws2_overlapped_rank{rank}.json").stat().st_size > 1000
+        assert (tmp_path / "traces" / f"{tag}_overlapped_rank{rank}.json").stat().st_size > 1000
     assert all(0 <= row["hidden_pct"] <= 100 for row in data["rows"] if row["op"].startswith("trace_"))
 
 

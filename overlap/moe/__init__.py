@@ -6,6 +6,7 @@
   experts, attention (torch SDPA), the shared expert.
 - ``comm`` / ``autograd``: the four all-to-alls over an :class:`~overlap.ep.EPBuffer`, issued
   asynchronously; dispatch and combine as autograd functions.
+- ``budget``: budget mode, fixed-size buffers so that no step waits on the host.
 - ``block``: :class:`MoEBlock`, cut into the pieces a schedule interleaves.
 - ``schedule``: one chunk at a time, or a forward and a backward chunk overlapped.
 - ``stage``: :class:`MoEStage`, a pipeline stage with DualPipe's ``overlapped_forward_backward``.
@@ -14,6 +15,7 @@
 """
 from overlap.moe.autograd import ExpertRows, expert_rows, moe_combine, moe_dispatch, permute, unpermute
 from overlap.moe.block import LayerState, MoEBlock
+from overlap.moe.budget import safe_expert_capacity, worst_case_tokens
 from overlap.moe.comm import Dispatched, EPComm, Pending
 from overlap.moe.config import MoEConfig
 from overlap.moe.groups import PPxEPGroups, make_ep_buffer, mesh_ranks, pp_ep_groups
@@ -28,5 +30,5 @@ __all__ = [
     "EPComm", "Pending", "Dispatched", "moe_dispatch", "moe_combine", "ExpertRows", "expert_rows", "permute",
     "unpermute", "MoEBlock", "LayerState", "forward_chunk", "backward_chunk", "overlapped_layer",
     "overlapped_chunks", "MoEStage", "PPxEPGroups", "pp_ep_groups", "mesh_ranks", "make_ep_buffer",
-    "RecordingComm", "ReplayComm", "replay_transfers",
+    "RecordingComm", "ReplayComm", "replay_transfers", "worst_case_tokens", "safe_expert_capacity",
 ]

@@ -12,12 +12,11 @@ expert-major order of the grouped GEMMs and back, as plain differentiable tensor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
 from overlap.ep import EPBuffer
-from overlap.ep.layout import expert_major_positions
 from overlap.moe.comm import Dispatched, EPComm
 
 
@@ -80,32 +79,93 @@ def moe_combine(comm: Union[EPComm, EPBuffer], y: torch.Tensor, dispatched: Disp
 
 @dataclass
 class ExpertRows:
-    """Expert-major order of received (row, slot) pairs: ``row[n]``/``slot[n]`` of position n."""
+    """Expert-major order of received (row, slot) pairs: ``row[n]``/``slot[n]`` of position n.
 
-    row: torch.Tensor      # [N] int64 received row
-    slot: torch.Tensor     # [N] int64 top-k slot
+    With a fixed capacity (budget mode) the positions past ``counts.sum()`` are padding: their
+    ``row`` is ``num_rows`` (one past the last received row), ``slot`` 0, ``index``
+    ``num_rows * k``. They lie past the last grouped-GEMM group; :func:`permute` and
+    :func:`unpermute` keep them out of every result and gradient.
+    """
+
+    row: torch.Tensor      # [N] int64 received row (num_rows: padding)
+    slot: torch.Tensor     # [N] int64 top-k slot (0: padding)
+    index: torch.Tensor    # [N] int64 row * k + slot, the (row, slot) pair flattened (num_rows * k: padding)
     counts: torch.Tensor   # [E_local] int32 rows per local expert
     num_rows: int          # R, received rows
 
 
-def expert_rows(recv_topk_idx: torch.Tensor, num_local_experts: int) -> ExpertRows:
+def expert_rows(recv_topk_idx: torch.Tensor, num_local_experts: int, capacity: Optional[int] = None) -> ExpertRows:
     """Group received rows by local expert (expert 0 first, ascending row within an expert),
-    the order of :meth:`overlap.ep.EPBuffer.permute_to_experts`."""
-    counts, pos = expert_major_positions(recv_topk_idx, num_local_experts)
-    i_idx, j_idx = torch.nonzero(pos >= 0, as_tuple=True)
-    where = pos[i_idx, j_idx]
-    row = torch.empty_like(i_idx).index_copy_(0, where, i_idx)
-    slot = torch.empty_like(j_idx).index_copy_(0, where, j_idx)
-    return ExpertRows(row=row, slot=slot, counts=counts, num_rows=recv_topk_idx.shape[0])
+    the order of :meth:`overlap.ep.EPBuffer.permute_to_experts`.
+
+    ``capacity=None`` sizes the result by the pairs there are (one host sync to read their
+    number). With ``capacity`` the result has exactly that many positions and the host never
+    waits (padding as described in :class:`ExpertRows`); more pairs than that fail an
+    assertion on the device (see :mod:`overlap.moe.budget`).
+    """
+    if capacity is not None and (not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    idx = recv_topk_idx.to(torch.int64)
+    num_rows, k = idx.shape
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    # hits[i, e] = 1 when row i uses local expert e; a running count over rows gives each
+    # (row, expert) pair its place within the expert's group, with no data-dependent shape.
+    hits = torch.zeros(num_rows, num_local_experts, dtype=torch.int32, device=idx.device)
+    hits.scatter_add_(1, safe, valid.to(torch.int32))
+    counts = hits.sum(0, dtype=torch.int32)
+    before = torch.cumsum(hits, 0, dtype=torch.int32) - hits
+    starts = torch.cumsum(counts, 0) - counts
+    pos = starts.index_select(0, safe.flatten()).view(num_rows, k) + before.gather(1, safe)
+    if capacity is None:
+        n = int(counts.sum())
+    else:
+        n = capacity
+        if n < num_rows * min(k, num_local_experts):   # else no routing can overflow it
+            torch._assert_async(counts.sum() <= n, "more (row, local expert) pairs arrived than expert_capacity "
+                                                   "allows; pass a larger expert_capacity (or leave it None)")
+    # Every pair without a position (an empty slot, or past the capacity) lands on a spare
+    # position n, dropped below; the duplicate writes there are harmless.
+    pos = torch.where(valid, pos.clamp(max=n), torch.full_like(pos, n))
+    flat = torch.arange(num_rows * k, device=idx.device)
+    index = torch.full((n + 1,), num_rows * k, dtype=torch.int64, device=idx.device)
+    index = index.scatter_(0, pos.flatten(), flat)[:n]
+    return ExpertRows(row=torch.div(index, k, rounding_mode="floor"), slot=index % k, index=index,
+                      counts=counts, num_rows=num_rows)
+
+
+class _GatherRows(torch.autograd.Function):
+    """``src[row]`` where ``row == len(src)`` (padding) takes an arbitrary row; the gradient of
+    padding positions, whatever it holds, goes to a spare row that is dropped."""
+
+    @staticmethod
+    def forward(ctx, src, row):
+        ctx.save_for_backward(row)
+        ctx.num_rows = src.shape[0]
+        if src.shape[0] == 0:
+            return src.new_zeros(row.shape[0], src.shape[1])
+        return src.index_select(0, row.clamp(max=src.shape[0] - 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row,) = ctx.saved_tensors
+        acc = grad.new_zeros(ctx.num_rows + 1, grad.shape[1]).index_add_(0, row, grad)
+        return acc[:ctx.num_rows], None
 
 
 def permute(recv_x: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     """``[N, H]`` expert-major copies of the received rows (a row appears once per local expert)."""
-    return recv_x.index_select(0, rows.row)
+    return _GatherRows.apply(recv_x, rows.row)
 
 
 def unpermute(expert_y: torch.Tensor, recv_topk_weights: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-    """``[R, H]``: each received row's ``Σ_slot w · expert output``, summed in fp32, in ``expert_y``'s dtype."""
-    w = recv_topk_weights[rows.row, rows.slot].unsqueeze(1)
-    acc = expert_y.new_zeros(rows.num_rows, expert_y.shape[1], dtype=torch.float32)
-    return acc.index_add(0, rows.row, expert_y.float() * w.float()).to(expert_y.dtype)
+    """``[R, H]``: each received row's ``Σ_slot w · expert output``, summed in fp32, in ``expert_y``'s dtype.
+
+    Padding positions (whose ``expert_y`` rows the grouped GEMMs leave undefined) get weight 0
+    and add into a spare row that is dropped, so neither they nor their gradients reach a result.
+    """
+    w = recv_topk_weights.float().reshape(-1)
+    w = torch.cat([w, w.new_zeros(1)]).index_select(0, rows.index).unsqueeze(1)
+    acc = expert_y.new_zeros(rows.num_rows + 1, expert_y.shape[1], dtype=torch.float32)
+    acc = acc.index_add(0, rows.row, expert_y.float() * w)
+    return acc[:rows.num_rows].to(expert_y.dtype)

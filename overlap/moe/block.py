@@ -101,7 +101,8 @@ class MoEBlock(nn.Module):
         st.d = d
         st.recv_x = _leaf(d.recv_x, grad)
         st.recv_w = _leaf(d.recv_topk_weights, grad and st.topk_w.requires_grad)
-        st.rows = expert_rows(d.recv_topk_idx, self.num_local_experts)
+        # A budgeted dispatch (d.expert_capacity set) gets fixed-size expert rows: no host sync.
+        st.rows = expert_rows(d.recv_topk_idx, self.num_local_experts, capacity=d.expert_capacity)
         expert_y = self.experts(permute(st.recv_x, st.rows), st.rows.counts)
         st.y_rows = unpermute(expert_y, st.recv_w, st.rows)
         return st.y_rows.detach()

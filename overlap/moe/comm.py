@@ -19,6 +19,11 @@ Routing-weight gradients (``[rows, topk]`` fp32, computed where the experts ran)
 one small ``all_to_all_single`` on the buffer's group, using the row counts the dispatch handle
 records; a backend that keeps those counts on the device only gets them folded into the
 token-gradient combine instead (exact, but a second hidden-sized transfer).
+
+Budget mode (``EPComm(..., num_worst_tokens=N)``, see :mod:`overlap.moe.budget`): every
+dispatch has ``N`` rows and the host never reads a count; the forward dispatch also exchanges
+per-rank row counts on the device, and the routing-weight gradients return in an equal-split
+``all_to_all_single`` placed by them.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ import torch.distributed as dist
 
 from overlap.ep import EPBuffer
 from overlap.ep.layout import gather_reduce
+from overlap.moe.budget import (check_budget, exchange_rank_counts, pack_weight_grads, rows_per_peer,
+                                safe_expert_capacity, unpack_weight_grads)
 
 
 class Pending:
@@ -69,6 +76,9 @@ class Dispatched:
     topk_idx: torch.Tensor        # the routing of this rank's tokens (the backward re-dispatches)
     topk_weights: torch.Tensor
     send_counts: Optional[list] = None   # rows sent to each rank, when the backend knows them on the host
+    num_worst_tokens: Optional[int] = None   # budget mode: the rows of every dispatch output (None: exact)
+    expert_capacity: Optional[int] = None    # budget mode: the expert-major positions of the received rows
+    recv_rank_counts: Optional[torch.Tensor] = None   # budget mode: [W] int64 rows received from each rank
 
 
 def _token_rows(handle) -> torch.Tensor:
@@ -97,12 +107,22 @@ class EPComm:
     reference reads counts on the host) thus waits for communication only, never for compute
     queued meanwhile, and the compute queue never runs dry while a transfer is in flight.
     ``side_stream=False`` keeps everything on the caller's stream.
+
+    ``num_worst_tokens`` (None: exact-size outputs) turns on budget mode (:mod:`overlap.moe.budget`):
+    every dispatch returns that many rows, so the host never waits for a count;
+    :func:`overlap.moe.budget.worst_case_tokens` gives a budget that always suffices.
+    ``expert_capacity`` (budget mode only; None: the safe bound
+    :func:`~overlap.moe.budget.safe_expert_capacity`) sizes the expert-major rows.
     """
 
-    def __init__(self, buffer: EPBuffer, side_stream: Optional[bool] = None):
+    def __init__(self, buffer: EPBuffer, side_stream: Optional[bool] = None, *,
+                 num_worst_tokens: Optional[int] = None, expert_capacity: Optional[int] = None):
         if not isinstance(buffer, EPBuffer):
             raise TypeError(f"buffer must be an overlap.ep.EPBuffer, got {type(buffer).__name__}")
+        check_budget(num_worst_tokens, expert_capacity)
         self.buffer = buffer
+        self.num_worst_tokens = num_worst_tokens
+        self.expert_capacity = expert_capacity
         cuda = buffer.device.type == "cuda"
         if side_stream and not cuda:
             raise ValueError(f"side_stream=True needs a CUDA buffer; this one communicates on {buffer.device}")
@@ -140,6 +160,8 @@ class EPComm:
 
     def dispatch_forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         """Tokens ``x [T, H]`` to their experts' ranks; the value is a :class:`Dispatched`."""
+        if self.num_worst_tokens is not None:
+            return self._dispatch_forward_budget(x, topk_idx, topk_weights)
         issued, compute = self._start((x, topk_idx, topk_weights),
                                       lambda: self.buffer.dispatch_async(x, topk_idx, topk_weights))
         recv_x, recv_idx, recv_w, counts, handle, event = issued
@@ -151,6 +173,26 @@ class EPComm:
             return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights, send)
         return self._pending(compute, [event], result)
 
+    def _dispatch_forward_budget(self, x, topk_idx, topk_weights) -> Pending:
+        buf, budget = self.buffer, self.num_worst_tokens
+
+        def issue():
+            out = buf.dispatch_async(x, topk_idx, topk_weights, num_worst_tokens=budget)
+            # The backward places routing-weight gradients by source rank: exchange the
+            # per-rank counts now, on the device, while the dispatch is in flight.
+            return out, *exchange_rank_counts(out[4].layout, buf.group)
+
+        (out, rank_counts, work), compute = self._start((x, topk_idx, topk_weights), issue)
+        recv_x, recv_idx, recv_w, counts, handle, event = out
+        capacity = self.expert_capacity
+        if capacity is None:
+            capacity = safe_expert_capacity(budget, topk_idx.shape[1], buf.num_local_experts)
+
+        def result() -> Dispatched:
+            return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights,
+                              num_worst_tokens=budget, expert_capacity=capacity, recv_rank_counts=rank_counts)
+        return self._pending(compute, [event, work], result)
+
     def combine_forward(self, y: torch.Tensor, d: Dispatched) -> Pending:
         """Per received row weighted expert sums ``y [R, H]`` back to their tokens: ``[T, H]``."""
         (out, event), compute = self._start((y,), lambda: self.buffer.combine_async(y, d.handle))
@@ -159,7 +201,8 @@ class EPComm:
     def combine_backward(self, grad_out: torch.Tensor, d: Dispatched) -> Pending:
         """Gradient of a combine: each received row gets its token's gradient, ``[R, H]``."""
         issued, compute = self._start((grad_out, d.topk_idx, d.topk_weights),
-                                      lambda: self.buffer.dispatch_async(grad_out, d.topk_idx, d.topk_weights))
+                                      lambda: self.buffer.dispatch_async(grad_out, d.topk_idx, d.topk_weights,
+                                                                         num_worst_tokens=d.num_worst_tokens))
         grad_y, _, _, _, handle, event = issued
 
         def result() -> torch.Tensor:
@@ -180,6 +223,8 @@ class EPComm:
         if grad_recv_w is None:
             (out, event), compute = self._start((grad_recv_x,), lambda: self.buffer.combine_async(grad_recv_x, handle))
             return self._pending(compute, [event], lambda: (out, None))
+        if d.num_worst_tokens is not None:
+            return self._dispatch_backward_budget(grad_recv_x, grad_recv_w, d)
         if d.send_counts is None or handle.recv_counts is None:
             return self._dispatch_backward_folded(grad_recv_x, grad_recv_w, d)
 
@@ -196,6 +241,20 @@ class EPComm:
             # A slot's weight lives on one rank only; other ranks sent 0 for it, so summing is exact.
             return out, gather_reduce(back, rows)
         return self._pending(compute, [event, work], result)
+
+    def _dispatch_backward_budget(self, grad_recv_x, grad_recv_w, d):
+        per_peer = rows_per_peer(self.buffer, d.num_worst_tokens)
+
+        def issue():
+            out, event = self.buffer.combine_async(grad_recv_x, d.handle)
+            send = pack_weight_grads(grad_recv_w, d.recv_rank_counts, per_peer)
+            back = torch.empty_like(send)
+            work = dist.all_to_all_single(back, send, group=self.buffer.group, async_op=True)
+            return out, event, back, work
+
+        (out, event, back, work), compute = self._start((grad_recv_x, grad_recv_w), issue)
+        return self._pending(compute, [event, work],
+                             lambda: (out, unpack_weight_grads(back, d.handle.layout, per_peer)))
 
     def _dispatch_backward_folded(self, grad_recv_x, grad_recv_w, d):
         k, hidden = grad_recv_w.shape[1], grad_recv_x.shape[1]

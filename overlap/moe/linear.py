@@ -5,8 +5,14 @@ hands the weight gradient to :func:`overlap.moe.weight_grads.defer_or_run`, so a
 (or the overlapped forward-backward) decides when it is computed.
 
 A grouped linear multiplies consecutive row groups of ``x`` by their own weight, the grouped
-GEMM of the routed experts: rows ``[offs[g-1], offs[g])`` use ``weight[g]``. It runs as
-``torch._grouped_mm`` where the shapes allow it (rows 16-byte aligned), else one GEMM per group.
+GEMM of the routed experts: rows ``[offs[g-1], offs[g])`` use ``weight[g]``; rows past
+``offs[-1]`` belong to no group (budget mode's padding): their outputs are left undefined and
+they add nothing to weight gradients. It runs as ``torch._grouped_mm`` where the shapes allow it
+(rows 16-byte aligned), else one GEMM per group.
+
+Host syncs: on CUDA only bf16 on sm90+ takes ``torch._grouped_mm``'s fast path, which reads
+``offs`` on the device; other dtypes reach torch's own per-group fallback, and our loop reads
+the group bounds with ``offs.tolist()``: one host sync per GEMM either way.
 """
 from __future__ import annotations
 

@@ -88,6 +88,11 @@ class MoEStage(nn.Module):
         buffer: the :class:`~overlap.ep.EPBuffer` of the expert-parallel group (see
             :func:`overlap.moe.groups.make_ep_buffer`); both stages of a DualPipe rank may share it.
         num_layers: blocks in this stage.
+        num_worst_tokens: None (exact-size buffers, the host reads counts at each dispatch) or
+            a row budget for every dispatch, which makes forward, backward and the overlapped
+            F&B free of host synchronisation (budget mode, :mod:`overlap.moe.budget`; same
+            results). ``overlap.moe.worst_case_tokens(buffer)`` always suffices.
+        expert_capacity: budget mode's expert-major rows (None: the safe bound).
 
     Attributes:
         comm: the object issuing the all-to-alls (an :class:`~overlap.moe.comm.EPComm`);
@@ -98,7 +103,8 @@ class MoEStage(nn.Module):
     ``forward(x)`` takes ``[batch, seq, hidden]`` and returns the same shape.
     """
 
-    def __init__(self, config: MoEConfig, buffer: EPBuffer, num_layers: int = 1, dtype=None, device=None):
+    def __init__(self, config: MoEConfig, buffer: EPBuffer, num_layers: int = 1, dtype=None, device=None, *,
+                 num_worst_tokens: Optional[int] = None, expert_capacity: Optional[int] = None):
         super().__init__()
         if not isinstance(config, MoEConfig):
             raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
@@ -111,7 +117,7 @@ class MoEStage(nn.Module):
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
         self.config = config
         self.buffer = buffer
-        self.comm = EPComm(buffer)
+        self.comm = EPComm(buffer, num_worst_tokens=num_worst_tokens, expert_capacity=expert_capacity)
         self.profile_labels = True
         self.overlap = True
         device = device if device is not None else buffer.device
