@@ -39,10 +39,11 @@ def test_kernel_backend_budget(backend, world_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])
-def test_cuda_step_captures_in_a_graph(world_size):
+def test_kernel_step_captures_in_a_graph(backend, world_size):
     _need(world_size)
-    assert_ranks_pass(checks.graph_replay, world_size, 4, backend="nccl", timeout_s=300)
+    assert_ranks_pass(checks.graph_replay, world_size, backend, 4, backend="nccl", timeout_s=300)
 
 
 @pytest.mark.gpu

@@ -65,13 +65,13 @@ def budget_matches_exact(rank, world_size, backend, use_cuda):
     return fails
 
 
-def graph_replay(rank, world_size, replays):
-    """A dispatch -> experts -> combine step captured once in a CUDA graph and replayed on
-    fresh inputs matches the torch backend every time (backend ``cuda``)."""
+def graph_replay(rank, world_size, backend, replays):
+    """A dispatch -> experts -> combine step of ``backend`` captured once in a CUDA graph and
+    replayed on fresh inputs matches the torch backend every time."""
     T, H, E, K = 256, 512, 8 * world_size, 4
     dev = _device(True)
     gen = torch.Generator().manual_seed(60 + rank)
-    ref_buf, buf = _buffers("cuda", True, T, H, E)
+    ref_buf, buf = _buffers(backend, True, T, H, E)
     budget = world_size * T
     x_s = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
     idx_s = torch.empty(T, K, dtype=torch.int64, device=dev)
@@ -103,7 +103,7 @@ def graph_replay(rank, world_size, replays):
         graph.replay()
         ref = ref_buf.dispatch(x_s, idx_s, w_s)
         expect = ref_buf.combine(_expert_rows(ref[0]), ref[4])
-        fails += _compare_combine(f"[rank{rank}/replay{r}] graph-replayed", out_s, expect, world_size)
+        fails += _compare_combine(f"[{backend}/rank{rank}/replay{r}] graph-replayed", out_s, expect, world_size)
     torch.cuda.synchronize()
     return fails
 

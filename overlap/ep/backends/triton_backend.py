@@ -1,22 +1,29 @@
 """Triton backend: the CUDA backend's NVLink protocol with the data movement written in Triton.
 
 Everything around the data movement is the CUDA backend's (it is subclassed): the symmetric
-buffer and its region layout, the counts exchange (its
-one-block ``notify`` kernel), the host-mapped status words, the comm stream, events and error
-reporting. Only the dispatch and combine kernels are replaced, by the Triton kernels in
-:mod:`overlap.triton_kernels.ep_intranode`, which follow the same flag protocol on the same
-buffer layout (so researchers can edit the data path in Python). Each is a persistent grid of
+buffer and its region layout, the counts exchange (its one-block ``notify`` kernel), the
+host-mapped status words, the comm stream, events and error reporting. Only the dispatch and
+combine kernels are replaced, by the Triton kernels in :mod:`overlap.triton_kernels.ep_intranode`,
+which follow the same protocol on the same buffer (per-row arrival flags, sequence numbers kept
+on the GPU), so researchers can edit the data path in Python. Each is a persistent grid of
 exactly ``EPBuffer.num_sms`` programs; waits are bounded by ``OVERLAP_KERNEL_TIMEOUT_S`` and a
-timeout raises a RuntimeError, exactly as for the CUDA backend.
+timeout raises a RuntimeError, exactly as for the CUDA backend. Like it, a dispatch with
+``num_worst_tokens`` and a combine can be captured in a CUDA graph.
 
-Launch shape: each program moves tiles of ``BLOCK_T`` rows x ``BLOCK_H`` columns, loaded whole
-before they are stored; ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536) sets the bytes per tile,
-i.e. the bytes each SM keeps in flight. The combine's reduce loads two ranks' tiles of half
-that at once (plus fp32 accumulators).
+Tuning knobs (environment, read at every launch):
+
+- ``OVERLAP_TRITON_SEND_FRACTION`` (default 0.5): the fraction of the programs that send (the
+  first ``ceil(fraction * num_sms)``, at least one); the others receive. At 1 (and always on a
+  grid of one program) every program sends its share, then receives its share.
+- ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536): bytes of a tile of ``BLOCK_T`` rows x
+  ``BLOCK_H`` columns, loaded whole before it is stored, i.e. the bytes each program keeps in
+  flight. The combine's reduce loads two ranks' tiles of half that at once (plus fp32
+  accumulators). Senders raise their rows' arrival flags once per tile of rows.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -26,6 +33,8 @@ from overlap.ep.backends.env import env_number
 
 TILE_BYTES_ENV = "OVERLAP_TRITON_EP_TILE_BYTES"
 DEFAULT_TILE_BYTES = 65536
+SEND_FRACTION_ENV = "OVERLAP_TRITON_SEND_FRACTION"
+DEFAULT_SEND_FRACTION = 0.5
 NUM_WARPS = 16
 _MAX_ROW_BLOCK_BYTES = 2048   # columns per tile: 1024 bf16 (hidden 7168 = 7 blocks, no masked tail)
 _MAX_RANKS = 32
@@ -58,6 +67,17 @@ def combine_tiles(hidden: int, element_size: int) -> tuple[int, int, int]:
     return max(1, block_ts // 2), block_ts, block_h
 
 
+def send_programs(num_programs: int) -> int:
+    """How many of ``num_programs`` programs send (the first ones; the others receive):
+    ``ceil(OVERLAP_TRITON_SEND_FRACTION * num_programs)``, at least 1. Equal to
+    ``num_programs`` (fraction 1, or a grid of one): every program sends, then receives."""
+    if num_programs < 1:
+        raise ValueError(f"num_programs={num_programs} must be >= 1")
+    fraction = env_number(SEND_FRACTION_ENV, DEFAULT_SEND_FRACTION, float, lambda v: 0 < v <= 1,
+                          "a number in (0, 1] (the fraction of the programs that send; the others receive)")
+    return min(num_programs, max(1, math.ceil(fraction * num_programs - 1e-9)))
+
+
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a one-element stand-in of its dtype when it is empty (a kernel never touches an
     empty tensor, but the launcher wants a real device pointer of the right type)."""
@@ -69,6 +89,11 @@ def _on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _block_w(world: int) -> int:
+    """Lanes of the kernels' per-rank vectors: the world size rounded up to a power of two."""
+    return max(2, _next_pow2(world))
+
+
 def _use_globaltimer() -> bool:
     import triton
 
@@ -76,10 +101,9 @@ def _use_globaltimer() -> bool:
 
 
 def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_bases, recv_x, recv_topk_idx,
-                    recv_topk_weights, recv_expert_counts, rank, num_blocks, max_tokens, seq, done_target,
-                    timeout_ns, status_ptr, x_region_offset, x_row_stride, meta_region_offset,
-                    recv_scales=None) -> None:
-    """The Triton dispatch kernel (the CUDA op's arguments plus the host's ``seq`` and ``done_target``).
+                    recv_topk_weights, recv_expert_counts, rank, num_blocks, max_tokens, timeout_ns, status_ptr,
+                    x_region_offset, x_row_stride, meta_region_offset, flag_region_offset, recv_scales=None) -> None:
+    """The Triton dispatch kernel, with the CUDA op's arguments.
 
     ``recv_scales`` given: quantise to e4m3 on the way (``recv_x`` is float8_e4m3fn then).
     Rows past ``recv_x.shape[0]`` (a worst-case budget that was too small) are dropped and
@@ -91,7 +115,7 @@ def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_ba
     num_tokens, hidden = x.shape
     topk = topk_idx.shape[1]
     fp8 = recv_scales is not None
-    _check_common(world, rank, num_blocks, max_tokens, num_tokens)
+    _check_common(world, rank, num_blocks, max_tokens, num_tokens, flag_region_offset)
     if x_row_stride % 16 or x_region_offset % 16 or meta_region_offset % 8:
         raise ValueError(f"x_row_stride={x_row_stride} and x_region_offset={x_region_offset} must be multiples "
                          f"of 16 and meta_region_offset={meta_region_offset} of 8")
@@ -108,33 +132,34 @@ def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_ba
                recv_topk_weights, recv_expert_counts, scales)
     with _on_device_of(peer_bases):
         ep_dispatch_kernel[(num_blocks,)](
-            *(_nonempty(t) for t in tensors), rank, world, max_tokens, seq, done_target, timeout_ns, status_ptr,
-            num_tokens, hidden, topk, recv_expert_counts.numel(), x_region_offset, x_row_stride, meta_region_offset,
-            recv_x.shape[0], FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_K=max(2, _next_pow2(topk)),
-            BLOCK_S=max(2, _next_pow2(hidden // FP8_BLOCK)), USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
+            *(_nonempty(t) for t in tensors), rank, world, timeout_ns, status_ptr, num_tokens, hidden, topk,
+            recv_expert_counts.numel(), x_region_offset, x_row_stride, meta_region_offset, flag_region_offset,
+            recv_x.shape[0], send_programs(num_blocks), FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h,
+            BLOCK_K=max(2, _next_pow2(topk)), BLOCK_S=max(2, _next_pow2(hidden // FP8_BLOCK)),
+            BLOCK_W=_block_w(world), USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
 
 
-def launch_combine(y, token_slot, count_matrix, peer_bases, out, rank, num_blocks, max_tokens, seq, done_target,
-                   timeout_ns, status_ptr, region_offset, row_stride) -> None:
-    """The Triton combine kernel (the CUDA op's arguments plus the host's ``seq`` and ``done_target``)."""
+def launch_combine(y, token_slot, count_matrix, peer_bases, out, rank, num_blocks, max_tokens, timeout_ns,
+                   status_ptr, region_offset, row_stride, flag_region_offset) -> None:
+    """The Triton combine kernel, with the CUDA op's arguments."""
     from overlap.triton_kernels.ep_intranode import ep_combine_kernel
 
     world = peer_bases.numel()
     num_tokens, hidden = out.shape
-    _check_common(world, rank, num_blocks, max_tokens, num_tokens)
+    _check_common(world, rank, num_blocks, max_tokens, num_tokens, flag_region_offset)
     if row_stride % 16 or region_offset % 16 or row_stride < hidden * y.element_size():
         raise ValueError(f"row_stride={row_stride} and region_offset={region_offset} must be multiples of 16 and "
                          f"row_stride must hold a row ({hidden * y.element_size()} bytes)")
     block_t, block_ts, block_h = combine_tiles(hidden, y.element_size())
     with _on_device_of(peer_bases):
         ep_combine_kernel[(num_blocks,)](
-            *(_nonempty(t) for t in (y, token_slot, count_matrix, peer_bases, out)), rank, world, max_tokens, seq,
-            done_target, timeout_ns, status_ptr, num_tokens, hidden, region_offset, row_stride,
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_TS=block_ts, USE_GLOBALTIMER=_use_globaltimer(),
-            num_warps=NUM_WARPS)
+            *(_nonempty(t) for t in (y, token_slot, count_matrix, peer_bases, out)), rank, world, max_tokens,
+            timeout_ns, status_ptr, num_tokens, hidden, region_offset, row_stride, flag_region_offset,
+            send_programs(num_blocks), BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_TS=block_ts, BLOCK_W=_block_w(world),
+            USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
 
 
-def _check_common(world, rank, num_blocks, max_tokens, num_tokens) -> None:
+def _check_common(world, rank, num_blocks, max_tokens, num_tokens, flag_region_offset) -> None:
     if not 1 <= world <= _MAX_RANKS:
         raise ValueError(f"peer_bases must hold 1..{_MAX_RANKS} ranks, got {world}")
     if not 0 <= rank < world:
@@ -143,13 +168,19 @@ def _check_common(world, rank, num_blocks, max_tokens, num_tokens) -> None:
         raise ValueError(f"num_blocks={num_blocks} must be >= 1")
     if not 0 <= num_tokens <= max_tokens:
         raise ValueError(f"num_tokens={num_tokens} must be in [0, max_tokens={max_tokens}]")
+    if flag_region_offset % 8:
+        raise ValueError(f"flag_region_offset={flag_region_offset} must be a multiple of 8")
 
 
 @register_backend
 class TritonBackend(CudaBackend):
-    """The CUDA backend's buffers and protocol, with dispatch and combine kernels in Triton."""
+    """The CUDA backend's buffers, protocol and CUDA-graph capture rules, with dispatch and
+    combine kernels in Triton."""
 
     name = "triton"
+    # Sequence numbers live on the GPU: a dispatch with num_worst_tokens and a combine can be
+    # captured in a CUDA graph (experiments/ep_bench.py's "graph" mode reads this).
+    graph_capturable = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
@@ -166,24 +197,12 @@ class TritonBackend(CudaBackend):
             return False, f"it reuses the cuda backend's buffers and counts exchange, which are unavailable: {why}"
         return True, ""
 
-    def _kernel_args(self, num_blocks: int) -> tuple:
-        # The Triton kernels take the sequence number from the host and count blocks in done[]
-        # (the CUDA kernels keep both on the GPU); the host numbers operations identically.
-        rank, nb, max_tokens, timeout_ns, status_ptr = self._op_args(num_blocks)
-        self._done_total += num_blocks
-        return rank, nb, max_tokens, self._seq, self._done_total, timeout_ns, status_ptr
-
     def _launch_dispatch(self, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w, counts, regions,
                          row_stride, recv_scales) -> None:
         self._launch("dispatch", launch_dispatch, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w,
-                     counts, *self._kernel_args(self.buffer.num_sms), regions.x_offset, row_stride,
-                     regions.meta_offset, recv_scales)
+                     counts, *self._op_args(self.buffer.num_sms), regions.x_offset, row_stride, regions.meta_offset,
+                     regions.dispatch_flags_offset, recv_scales)
 
     def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
-        self._launch("combine", launch_combine, y, slot, matrix, peers, out, *self._kernel_args(self.buffer.num_sms),
-                     regions.combine_offset, row_stride)
-
-    def _check_capturable(self, what: str, reads_host: bool) -> None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"backend={self.name!r} cannot be captured in a CUDA graph: its kernels take a new "
-                               "sequence number from the host at every call (use backend='cuda' to capture)")
+        self._launch("combine", launch_combine, y, slot, matrix, peers, out, *self._op_args(self.buffer.num_sms),
+                     regions.combine_offset, row_stride, regions.combine_flags_offset)
