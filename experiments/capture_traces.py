@@ -55,7 +55,7 @@ sys.path.insert(0, HERE)   # the sibling studies whose stage and sizes are reuse
 
 from decode_overlap import COPY_ENGINE_COMM  # noqa: E402
 from moe_overlap import CPU_SIZES, DTYPES, GPU_SIZES, _config, _device  # noqa: E402
-from overlap.bench import make_meta, write_results  # noqa: E402
+from overlap.bench import capture_graph, make_meta, write_results  # noqa: E402
 from overlap.testing import run_distributed  # noqa: E402
 
 SCENARIOS = ("train", "prefill", "decode")
@@ -251,7 +251,7 @@ def _prefill(rank, stage, sizes, device):
 
 
 def _decode(rank, args, groups, device):
-    from decode_overlap import MLALikeAttention, graph_of, make_micro_batches, run_overlapped
+    from decode_overlap import MLALikeAttention, make_micro_batches, run_overlapped
     from overlap.ep import EPBuffer
     from overlap.ep.low_latency import low_latency_state
 
@@ -269,7 +269,7 @@ def _decode(rank, args, groups, device):
         return run_overlapped(attn, ll, mbs, args.layers, args.decode_transport)
 
     # Graph capture happens here, outside the traced steps (it also warms up, eagerly).
-    step = graph_of(run).replay if args.decode_timing == "graph" else run
+    step = capture_graph(run).replay if args.decode_timing == "graph" else run
     info = {"num_tokens": s.tokens, "micro_batches": 2, "hidden": s.hidden, "topk": s.topk, "num_experts": s.experts,
             "layers": args.layers, "dtype": "bf16", "lead": None, "transport": args.decode_transport,
             "heads": s.heads, "ctx": s.ctx, "experts_compute": "identity",

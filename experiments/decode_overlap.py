@@ -50,6 +50,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 sys.path.insert(0, _HERE)
 
+from overlap.bench import capture_graph  # noqa: E402
 from decode_bench import (CaseRunner, ResultsSink, add_run_arguments, add_size_arguments,  # noqa: E402
                           check_run_arguments, launch, rank_device, release, sms_in_flight, time_case)
 
@@ -167,21 +168,6 @@ def run_overlapped(attn, ll, mbs, layers, transport):
     return xa, xb
 
 
-def graph_of(fn, warmup: int = 2):
-    """``fn`` captured in a CUDA graph (replay with ``.replay()``), after ``warmup`` eager calls on a
-    side stream (allocator, cuBLAS workspaces, and the low-latency state's lazy setup)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 # ------------------------------------------------------------------------------------ rank body
 def _rank(rank, world_size, args):
     dev = rank_device()
@@ -238,7 +224,7 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
             from overlap.profiling import capture_trace
 
             fn = make_fn(hi)
-            step = graph_of(fn).replay if args.timing == "graph" else fn
+            step = capture_graph(fn).replay if args.timing == "graph" else fn
             # The runner has just lined the ranks up; a process-group barrier would put NCCL in the
             # control path the runner keeps it out of.
             path = capture_trace(step, prefix, warmup=1, active=args.profile_steps, barrier=False)

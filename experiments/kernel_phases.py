@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from statistics import median
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overlap.bench import make_meta, write_results  # noqa: E402
+from overlap.bench import make_meta, time_fn, write_results  # noqa: E402
 from overlap.testing import run_distributed  # noqa: E402
+from overlap.testing.env import temporary_env  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_VARIANTS = ["base:", "unroll8:OVERLAP_CUDA_COPY_UNROLL=8"]
@@ -63,37 +63,22 @@ def _phases_rank(rank, world_size, args):
     for text in args.variant:
         name, env = parse_variant(text)
         for num_sms in args.num_sms:
-            saved = {k: os.environ.get(k) for k in (*env, "OVERLAP_CUDA_STAMPS")}
-            os.environ.update(env, OVERLAP_CUDA_STAMPS="1")
-            try:
+            with temporary_env({**env, "OVERLAP_CUDA_STAMPS": "1"}):  # read when the buffer is set up
                 buf = EPBuffer(dist.group.WORLD, num_experts=args.experts, hidden=args.hidden,
                                max_tokens_per_rank=args.tokens, backend="cuda", num_sms=num_sms,
                                validate_values=False, device=device)
                 handle = buf.dispatch(x, idx, w, num_worst_tokens=budget)[4]
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
             backend = buf._backend
             y = torch.randn(handle.num_recv_tokens, args.hidden, device=device).to(torch.bfloat16)
             ops = {"dispatch bf16": ("dispatch", lambda: buf.dispatch(x, idx, w, num_worst_tokens=budget)),
                    "dispatch fp8": ("dispatch", lambda: buf.dispatch_fp8(x, idx, w, num_worst_tokens=budget)),
                    "combine bf16": ("combine", lambda: buf.combine(y, handle))}
             for label, (kind, fn) in ops.items():
-                for _ in range(args.warmup):
-                    fn()
-                torch.cuda.synchronize()
-                times, summaries = [], []
-                for _ in range(args.iters):
-                    barrier()
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) * 1e3)
-                    summaries.append(summarize(backend.last_phase_stamps(kind)))
+                summaries = []
+                timed = time_fn(fn, warmup=args.warmup, iters=args.iters, flush=False, barrier=barrier,
+                                after_each=lambda: summaries.append(summarize(backend.last_phase_stamps(kind))))
                 s = median_summary(summaries)
-                t = torch.tensor([median(times), s["total_us"]], dtype=torch.float64, device=device)
+                t = torch.tensor([timed["time_us"], s["total_us"]], dtype=torch.float64, device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 rows.append({"variant": name, "env": ",".join(f"{k}={v}" for k, v in env.items()),
                              "num_sms": num_sms, "op": label,

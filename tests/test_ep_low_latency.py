@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from overlap.bench import capture_graph
 from overlap.testing import assert_ranks_pass, gpu_world_sizes
 from overlap.testing.ep_cases import EPCase, expected_combine, expected_dispatch, expert_fn, make_inputs
 
@@ -302,15 +303,7 @@ def _graph_rank(rank, W):
             _, chook = buf.low_latency_combine(y, si, sw, handle, return_recv_hook=True, out=sout)
             chook()
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()  # also builds the low-latency state (collective) outside capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture_graph(step)  # the eager warm-up builds the low-latency state (collective)
         for it in range(4):
             case = EPCase("graph", [T] * W, H, E, K, torch.bfloat16, "sparse" if it % 2 else "random",
                           seed=60 + it)
@@ -357,15 +350,7 @@ def _graph_copies_overlap_rank(rank, W):
         chook()
         return z
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step)
     path = capture_trace(graph.replay, os.path.join(tempfile.mkdtemp(), "ll_graph.json.gz"), warmup=1, active=3,
                          rank=rank, barrier=False)
     buf._low_latency.check_status()

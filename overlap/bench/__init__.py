@@ -1,6 +1,6 @@
 """Timing helpers and result records shared by every benchmark and experiment."""
 from overlap.bench.records import environment_meta, git_state, make_meta, read_results, write_results
-from overlap.bench.timing import flush_l2, time_fn, time_graph_replay
+from overlap.bench.timing import capture_graph, flush_l2, time_fn, time_graph_replay
 
 __all__ = ["environment_meta", "git_state", "make_meta", "read_results", "write_results",
-           "flush_l2", "time_fn", "time_graph_replay"]
+           "capture_graph", "flush_l2", "time_fn", "time_graph_replay"]

@@ -27,11 +27,14 @@ def flush_l2() -> None:
 
 
 def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, flush: bool = True,
-            barrier: Callable[[], object] | None = None) -> dict[str, float]:
+            barrier: Callable[[], object] | None = None,
+            after_each: Callable[[], object] | None = None) -> dict[str, float]:
     """Median/min/max time of ``fn()`` in microseconds over ``iters`` runs after ``warmup``.
 
     On CUDA each run is bracketed by events on the current stream; ``barrier`` (e.g. a
-    process-group barrier) runs before each timed call so ranks start together.
+    process-group barrier) runs before each timed call so ranks start together;
+    ``after_each`` runs after each timed call has finished, outside the timing (e.g. to read
+    what the call left behind).
     """
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     for _ in range(warmup):
@@ -55,8 +58,26 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, iters: int = 20, flush
             t0 = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - t0) * 1e6)
+        if after_each is not None:
+            after_each()
     return {"time_us": statistics.median(samples), "min_us": min(samples), "max_us": max(samples),
             "iters": iters}
+
+
+def capture_graph(fn: Callable[[], object], *, warmup: int = 2) -> "torch.cuda.CUDAGraph":
+    """``fn`` captured in a CUDA graph (replay with ``.replay()``), after ``warmup`` eager calls
+    on a side stream: they do the lazy setup capture cannot (allocator pools, cuBLAS
+    workspaces, collective buffer allocation)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50,
@@ -67,15 +88,7 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_graph_replay needs a CUDA device")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn, warmup=warmup)
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from overlap.bench import capture_graph
+
 from overlap.testing.ep_kernel_checks import _compare_combine, _expert_rows, _random_routing
 
 
@@ -88,15 +90,10 @@ def graph_replay(rank, world_size, backend, replays):
         return buf.combine(_expert_rows(recv_x), handle)
 
     fill()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # allocates the symmetric buffer and compiles nothing new inside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out_s = step()
+    outs = []
+    # The eager call allocates the symmetric buffer, so nothing is allocated inside the capture.
+    graph = capture_graph(lambda: outs.append(step()), warmup=1)
+    out_s = outs[-1]
     fails = []
     for r in range(replays):
         fill()

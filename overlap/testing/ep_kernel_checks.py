@@ -253,10 +253,9 @@ def cuda_tuning_variants(rank, world_size, variants):
     the default tuning's bit for bit. With ``OVERLAP_CUDA_STAMPS=1`` in a variant, the phase
     stamps must account for every row: senders for every token (dispatch) or returned row
     (combine), receivers for every row from a peer (dispatch) or every token (combine)."""
-    import os
-
     from overlap.ep import EPBuffer
     from overlap.ep.kernel_stamps import summarize
+    from overlap.testing.env import temporary_env
 
     T, H, E, K = 1024, 7168, 64, 8
     dev = _device()
@@ -266,14 +265,9 @@ def cuda_tuning_variants(rank, world_size, variants):
     default_buf = EPBuffer(None, backend="cuda", num_sms=12, **kw)
     fails = []
     for env in variants:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with temporary_env(env):  # the backend reads its tuning when the buffer is set up
             buf = EPBuffer(None, backend="cuda", num_sms=12, **kw)
             buf.dispatch(torch.randn(4, H, device=dev).to(torch.bfloat16), *_random_routing(4, E, K, gen, dev))
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         tag = f"[rank{rank}/{env}]"
         x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(dev)
         idx, w = _random_routing(T, E, K, gen, dev)
