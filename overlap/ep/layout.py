@@ -51,7 +51,9 @@ def routing_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     device = topk_idx.device
     valid = topk_idx >= 0
     idx = topk_idx.to(torch.int64)
-    expert_counts = torch.bincount(idx[valid], minlength=num_experts)[:num_experts]
+    # scatter_add rather than bincount of the valid ids: no data-dependent shape, so no host sync.
+    expert_counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    expert_counts.scatter_add_(0, idx.clamp(min=0).flatten(), valid.flatten().to(torch.int32))
     dest_rank = torch.where(valid, idx // experts_per_rank, torch.zeros_like(idx))
     # Count hits per (token, rank) rather than scatter booleans: a -1 slot must not clear a hit.
     hits = torch.zeros(num_tokens, num_ranks, dtype=torch.int32, device=device)

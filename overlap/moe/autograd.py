@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 
 from overlap.ep import EPBuffer
+from overlap.ep.layout import expert_major_positions
 from overlap.moe.comm import Dispatched, EPComm
 
 
@@ -107,16 +108,7 @@ def expert_rows(recv_topk_idx: torch.Tensor, num_local_experts: int, capacity: O
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     idx = recv_topk_idx.to(torch.int64)
     num_rows, k = idx.shape
-    valid = idx >= 0
-    safe = idx.clamp(min=0)
-    # hits[i, e] = 1 when row i uses local expert e; a running count over rows gives each
-    # (row, expert) pair its place within the expert's group, with no data-dependent shape.
-    hits = torch.zeros(num_rows, num_local_experts, dtype=torch.int32, device=idx.device)
-    hits.scatter_add_(1, safe, valid.to(torch.int32))
-    counts = hits.sum(0, dtype=torch.int32)
-    before = torch.cumsum(hits, 0, dtype=torch.int32) - hits
-    starts = torch.cumsum(counts, 0) - counts
-    pos = starts.index_select(0, safe.flatten()).view(num_rows, k) + before.gather(1, safe)
+    counts, pos = expert_major_positions(idx, num_local_experts)   # no data-dependent shape
     if capacity is None:
         n = int(counts.sum())
     else:
@@ -126,7 +118,7 @@ def expert_rows(recv_topk_idx: torch.Tensor, num_local_experts: int, capacity: O
                                                    "allows; pass a larger expert_capacity (or leave it None)")
     # Every pair without a position (an empty slot, or past the capacity) lands on a spare
     # position n, dropped below; the duplicate writes there are harmless.
-    pos = torch.where(valid, pos.clamp(max=n), torch.full_like(pos, n))
+    pos = torch.where(pos >= 0, pos.clamp(max=n), torch.full_like(pos, n))
     flat = torch.arange(num_rows * k, device=idx.device)
     index = torch.full((n + 1,), num_rows * k, dtype=torch.int64, device=idx.device)
     index = index.scatter_(0, pos.flatten(), flat)[:n]
