@@ -105,12 +105,14 @@ def _phases_rank(rank, world_size, args):
 
 def print_table(rows):
     print(f"\n{'variant':<10}{'SMs':>4} {'op':<14}{'call':>7}{'kernel':>8}{'hshake':>8}{'send':>7}{'s.wait':>7}"
-          f"{'recv':>7}{'r.wait':>7}{'r.first':>8}{'tail':>6}   (us, rank 0; wait = share of busy time)")
+          f"{'s.max':>7}{'recv':>7}{'r.wait':>7}{'r.first':>8}{'help':>7}{'tail':>6}"
+          "   (us, rank 0; wait = share of busy time; help = senders' receiving after their last send)")
     for r in rows:
         g = lambda k: r.get(f"rank0_{k}", float("nan"))  # noqa: E731
         print(f"{r['variant']:<10}{r['num_sms']:>4} {r['op']:<14}{r['call_us']:>7.0f}{r['kernel_us_slowest_rank']:>8.0f}"
-              f"{g('handshake_us'):>8.1f}{g('send_busy_us'):>7.0f}{g('send_wait_share'):>7.2f}{g('recv_busy_us'):>7.0f}"
-              f"{g('recv_wait_share'):>7.2f}{g('recv_first_row_us'):>8.1f}{g('tail_us'):>6.1f}")
+              f"{g('handshake_us'):>8.1f}{g('send_busy_us'):>7.0f}{g('send_wait_share'):>7.2f}"
+              f"{g('send_busy_max_us'):>7.0f}{g('recv_busy_us'):>7.0f}{g('recv_wait_share'):>7.2f}"
+              f"{g('recv_first_row_us'):>8.1f}{g('help_busy_us'):>7.0f}{g('tail_us'):>6.1f}")
 
 
 def main(argv=None):

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=int, default=1, help="expert groups for group-limited routing")
     p.add_argument("--topk-groups", type=int, default=1)
     p.add_argument("--chunks", type=int, default=None, help="micro-batches per DualPipeV step (PP mode)")
-    p.add_argument("--trace-steps", type=int, default=2, help="steps in each captured trace")
+    p.add_argument("--trace-steps", type=int, default=3, help="steps in each captured trace (back to back)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--timeout", type=float, default=570.0, help="seconds before all ranks are killed")
     args = p.parse_args(argv)
@@ -147,7 +147,10 @@ def _trace(fn, args, name: str, rank: int, png: bool):
     from overlap.profiling import capture_trace
 
     prefix = os.path.join(args.out, "traces", f"{name}.json")
-    path = capture_trace(fn, prefix, warmup=1, active=args.trace_steps)
+    # Steps back to back (one sync at the end), as in training: a sync per step leaves each
+    # rank's GPU idle at the boundary while the host starts the next step, and the peers'
+    # first transfers of that step then wait for it in the open (counted as exposed).
+    path = capture_trace(fn, prefix, warmup=1, active=args.trace_steps, sync_each_step=False)
     fig = None
     if png and rank == 0 and args.figures:
         fig = os.path.join(args.figures, f"{name}_rank0.png")

@@ -32,6 +32,17 @@ def test_summarize_phases():
     assert m["total_us"] == pytest.approx(20)
 
 
+def test_summarize_counts_sender_help():
+    """A sender that joins the receivers after its last send: its rows count as received, and
+    the help's end (not the role's) sets the tail."""
+    base, us = 1_000_000, 1000
+    sender = _warp(base, base + 1 * us, base + 2 * us, base + 10 * us, 0, 8, 0, base + 16 * us) + [3, base + 15 * us]
+    receiver = _warp(base, base + 1 * us, base + 3 * us, base + 12 * us, 0, 5, 1, base + 16 * us) + [0, 0]
+    s = summarize(torch.tensor([[sender, receiver]], dtype=torch.int64))
+    assert s["send_rows"] == 8 and s["recv_rows"] == 8 and s["help_rows"] == 3
+    assert s["help_busy_us"] == pytest.approx(5) and s["tail_us"] == pytest.approx(1)
+
+
 def test_summarize_rejects_bad_input():
     with pytest.raises(ValueError, match="stamps must be"):
         summarize(torch.zeros(4, 8, dtype=torch.int64))

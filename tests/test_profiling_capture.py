@@ -117,3 +117,18 @@ def test_capture_nccl_round_trip(tmp_path):
         assert all(k.grid is not None and 1 <= k.sms <= d.num_sms for k in comm)
         gemm = [k for k in a.kernels if k.cls != COMM and k.kind == "kernel"]
         assert gemm and max(k.total_us for k in gemm) > 0
+
+
+@pytest.mark.parametrize("sync_each_step, expected_syncs", [(True, 4), (False, 1)])
+def test_capture_syncs_per_step_or_once(tmp_path, monkeypatch, sync_each_step, expected_syncs):
+    """Back-to-back capture (sync_each_step=False) synchronises CUDA once, after the last step."""
+    from torch.profiler import ProfilerActivity
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(1))
+    steps = []
+    path = capture_trace(lambda: steps.append(1), str(tmp_path / "s"), warmup=1, active=3,
+                         activities=[ProfilerActivity.CPU], barrier=False, sync_each_step=sync_each_step)
+    assert len(steps) == 4 and len(syncs) == expected_syncs
+    assert os.path.exists(path)

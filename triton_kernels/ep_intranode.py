@@ -226,12 +226,14 @@ def _rows_ptr(base, offset, rows, stride_bytes, dtype: tl.constexpr, ALIGN: tl.c
 
 @triton.jit
 def _quantise(v, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """e4m3 values and one fp32 scale per 128 columns: scale = amax / 448 (1 if all zero)."""
+    """e4m3 values and one fp32 scale per 128 columns: scale = amax / 448 (1 if all zero), value =
+    x * (1 / scale) (one division per block, so every backend rounds the same way)."""
     nb: tl.constexpr = BLOCK_H // FP8_BLOCK
     f = tl.reshape(v.to(tl.float32), (BLOCK_T, nb, FP8_BLOCK))
     amax = tl.max(tl.abs(f), axis=2)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-    q = tl.math.div_rn(f, tl.broadcast_to(scale[:, :, None], (BLOCK_T, nb, FP8_BLOCK)))
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    q = f * tl.broadcast_to(inv[:, :, None], (BLOCK_T, nb, FP8_BLOCK))
     return tl.reshape(q.to(tl.float8e4nv), (BLOCK_T, BLOCK_H)), scale
 
 

@@ -3,10 +3,11 @@
 // Every rank owns one symmetric buffer that all peers can write (torch symmetric memory maps it
 // into every process). Its layout, in bytes from the buffer base:
 //
-//   [0, kSignalBytes)      signals: ready[r] (u64, written by rank r), done[r] (u64, used by the
-//                          Triton kernels only), a local sticky error word, the local operation
-//                          counter, counts_flag[r], a canary, and the [W, W] int32 token-count
-//                          matrix the counts exchange fills.
+//   [0, kSignalBytes)      signals: ready[r] (u64, written by rank r), done[r] (u64, unused: kept
+//                          so both backends share one layout), a local sticky error word, the
+//                          local operation counter, finished-block and sender-work counters,
+//                          counts_flag[r], a canary, and the [W, W] int32 token-count matrix the
+//                          counts exchange fills.
 //   arrival flags          one u64 per dispatch row and one per combine row: the sequence number
 //                          of the operation that last delivered that row.
 //   dispatch region        rows of tokens this rank receives from peers, in final receive order
@@ -25,13 +26,18 @@
 //      its regions, so no peer writes into a region before its owner is done with it.
 //   2. The warps of every block split into senders and receivers (`send_warps` of kWarps send),
 //      so receiving overlaps sending instead of following it.
-//      Senders: per token (dispatch) or per received row (combine), 16-byte stores straight into
+//      Senders claim chunks of `send_chunk` tokens (dispatch) or received rows (combine) from a
+//      local counter, so a warp that gets less link bandwidth simply takes fewer chunks (a
+//      static split left the slowest warps ~1.7x behind the median on 4 GPUs). Per item,
+//      16-byte stores straight into
 //      the peer's region; after every `send_chunk` rows, __syncwarp, one system-scope fence and
 //      relaxed stores of seq to those rows' arrival flags (a fence per row would stall each
 //      warp for an NVLink round trip per row). Rows for this rank itself skip the region: dispatch writes them straight
 //      into the outputs and combine reads them straight from y.
 //      Receivers: wait (acquire) for a row's flag to reach seq, then copy it out (dispatch) or
-//      sum a token's rows in fp32 in ascending rank order (combine).
+//      sum a token's rows in fp32 in ascending rank order (combine). They too claim chunks
+//      from a counter, and a sender warp that has nothing left to send joins them: the
+//      receive side would otherwise finish well after the last row landed.
 // Every wait is bounded by a %globaltimer deadline; a timeout writes {code, peer, seq, kind} to
 // a host-mapped status word and the block stops; later kernels see the sticky error word and
 // exit at once.
@@ -55,10 +61,12 @@ constexpr int kDefaultSendChunk = 8;
 constexpr int kDefaultFp8SendWarps = 10;  // the quantising send is arithmetic-bound: more warps send
 constexpr int kDefaultCopyUnroll = 16;   // 16-byte vectors per lane in flight in a receiver's copy (8 or 16)
 constexpr int64_t kReadyOffset = 0;      // u64 ready[kMaxRanks]
-constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks] (Triton kernels)
+constexpr int64_t kDoneOffset = 512;     // u64 done[kMaxRanks] (unused; reserved in the shared layout)
 constexpr int64_t kErrorOffset = 1024;   // int32 sticky error word (local only)
 constexpr int64_t kOpCountOffset = 1088; // u64 sequence number of the last finished operation (local only)
 constexpr int64_t kFinishedOffset = 1152;  // u32 blocks of the running operation that finished (local only)
+constexpr int64_t kWorkOffset = 1216;    // u32 sender chunks claimed so far in the running operation (local only)
+constexpr int64_t kRecvWorkOffset = 1220;  // u32 receive (dispatch) / reduce (combine) chunks claimed (local only)
 constexpr int64_t kCountsFlagOffset = 1536;  // u64 counts_flag[kMaxRanks]: rank r's counts row is here
 constexpr int64_t kCanaryOffset = 2048;  // u64 written by the owner at setup, read by peers
 constexpr int64_t kCountsOffset = 4096;  // int32 counts[kMaxRanks][kMaxRanks]: [source][destination]
@@ -87,7 +95,9 @@ enum StampWord : int {
   kStampRows = 5,       // rows the warp moved
   kStampRole = 6,       // 0 sender, 1 receiver
   kStampEnd = 7,        // block end (after the block-wide barrier), every warp
-  kStampWords = 8
+  kStampHelpRows = 8,   // senders: rows received (dispatch) or tokens reduced (combine) after sending
+  kStampHelpDone = 9,   // senders: when that help ended (0 for receivers)
+  kStampWords = 10
 };
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -112,8 +122,10 @@ struct CommonParams {
 
 // A dispatch moves each token row either as it is (recv_scales == nullptr), or quantised on
 // the way: e4m3 values plus one fp32 scale per kFp8Block channels (scale = amax / 448, 1 for an
-// all-zero block; value = x / scale, round-to-nearest, saturating). The region row then holds
-// the hidden fp8 bytes followed by the hidden / kFp8Block scales.
+// all-zero block; value = x * (1 / scale), each step rounded to nearest, saturating). One IEEE
+// division per block, not per element: the send is arithmetic-bound otherwise, and every
+// backend (numpy, torch, Triton) rounds the same way. The region row then holds the hidden
+// fp8 bytes followed by the hidden / kFp8Block scales.
 constexpr int kFp8Block = 128;
 
 struct DispatchParams {

@@ -13,18 +13,20 @@ using namespace dev;
 
 constexpr int kReduceUnroll = 4;    // vectors per lane accumulated at once (fp32 registers)
 constexpr int kSendBackUnroll = 8;  // vectors per lane in flight when a row goes back
+constexpr int kReduceChunk = 2;     // tokens a reducer claims at once
 
 template <typename V, int kUnroll>
-__device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
-                          int64_t most_from_a_peer, WarpStamps& stamps, int lane) {
+__device__ void send_back(const CombineParams& p, uint64_t seq, int64_t my_base, const int64_t* s_peer,
+                          const int64_t* s_recv_start, int64_t most_from_a_peer, WarpStamps& stamps, int lane) {
   const CommonParams& c = p.c;
   const int W = c.num_ranks;
   const int64_t n_vec = p.hidden * dtype_size(p.dtype) / static_cast<int64_t>(sizeof(V));
   const V* y = static_cast<const V*>(p.y);
-  const RoleWarps rw = role_warps(0, p.send_warps);
   const int C = p.send_chunk;
   const int64_t items = W * most_from_a_peer;
-  for (int64_t c0 = rw.index * C; c0 < items; c0 += rw.count * C) {
+  int64_t c0 = claim_chunk(my_base, lane) * C;
+  while (c0 < items) {
+    const int64_t c_after = claim_chunk(my_base, lane) * C;  // latency hidden under this chunk's rows
     uint64_t* flag = nullptr;  // lane j: the arrival flag of the chunk's j-th row
     int sent = 0;
     for (int j = 0; j < C && c0 + j < items; ++j) {
@@ -44,6 +46,7 @@ __device__ void send_back(const CombineParams& p, uint64_t seq, const int64_t* s
     stamps.waited_since(fence_start);
     if (flag != nullptr) st_relaxed_sys(flag, seq);
     if (sent > 0) stamps.moved(sent);
+    c0 = c_after;
   }
 }
 
@@ -58,79 +61,84 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t seq, int64_t my_b
   const V* y = static_cast<const V*>(p.y);
   const uint64_t* flags = reinterpret_cast<const uint64_t*>(my_base + p.flag_region_offset);
   V* out = static_cast<V*>(p.out);
-  const RoleWarps rw = role_warps(p.send_warps, kWarps - p.send_warps);
   // Token t's rows sit at (r * max_tokens + slot[t, r]) for each peer r it went to; its own
-  // rank's row is y's row (recv_start[me] + slot[t, me]).
-  for (int64_t t = rw.index; t < p.num_tokens; t += rw.count) {
-    const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
-    const unsigned src_lanes = __ballot_sync(0xffffffffu, slot >= 0);
-    const uint64_t wait_start = stamps.now();
-    for (unsigned m = src_lanes & ~(1u << me); m != 0; m &= m - 1) {
-      const int r = __ffs(m) - 1;
-      const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
-      if (!__all_sync(0xffffffffu, wait_at_least(flags + r * c.max_tokens + r_slot, seq, c.timeout_ns))) {
-        if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, r, kCombine);
-        return;
+  // rank's row is y's row (recv_start[me] + slot[t, me]). Tokens are claimed in chunks.
+  int64_t t0 = claim_chunk(my_base, lane, kRecvWorkOffset) * kReduceChunk;
+  while (t0 < p.num_tokens) {
+    const int64_t t_after = claim_chunk(my_base, lane, kRecvWorkOffset) * kReduceChunk;
+    const int64_t t1 = t0 + kReduceChunk < p.num_tokens ? t0 + kReduceChunk : p.num_tokens;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int slot = lane < W ? p.token_slot[t * W + lane] : -1;
+      const unsigned src_lanes = __ballot_sync(0xffffffffu, slot >= 0);
+      const uint64_t wait_start = stamps.now();
+      for (unsigned m = src_lanes & ~(1u << me); m != 0; m &= m - 1) {
+        const int r = __ffs(m) - 1;
+        const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
+        if (!__all_sync(0xffffffffu, wait_at_least(flags + r * c.max_tokens + r_slot, seq, c.timeout_ns))) {
+          if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, r, kCombine);
+          return;
+        }
       }
-    }
-    stamps.waited_since(wait_start);
-    stamps.moved(1);
-    auto row_of = [&](int r) -> const V* {
-      const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
-      if (r == me) return y + (s_recv_start[me] + r_slot) * n_vec;
-      return reinterpret_cast<const V*>(my_base + p.region_offset + (r * c.max_tokens + r_slot) * p.row_stride);
-    };
-    for (int64_t base = 0; base < n_vec; base += 32 * kReduceUnroll) {
-      float acc[kReduceUnroll][P::kElems];
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-#pragma unroll
-        for (int e = 0; e < P::kElems; ++e) acc[u][e] = 0.0f;
-      }
-      // Two source rows per step (loads of both in flight), added in ascending rank order.
-      for (unsigned m = src_lanes; m != 0;) {
-        const int r0 = __ffs(m) - 1;
-        m &= m - 1;
-        const bool two = m != 0;
-        const int r1 = two ? __ffs(m) - 1 : r0;
-        if (two) m &= m - 1;
-        const V* row0 = row_of(r0);
-        const V* row1 = row_of(r1);
-        P in0[kReduceUnroll], in1[kReduceUnroll];
+      stamps.waited_since(wait_start);
+      stamps.moved(1);
+      auto row_of = [&](int r) -> const V* {
+        const int64_t r_slot = __shfl_sync(0xffffffffu, slot, r);
+        if (r == me) return y + (s_recv_start[me] + r_slot) * n_vec;
+        return reinterpret_cast<const V*>(my_base + p.region_offset + (r * c.max_tokens + r_slot) * p.row_stride);
+      };
+      for (int64_t base = 0; base < n_vec; base += 32 * kReduceUnroll) {
+        float acc[kReduceUnroll][P::kElems];
 #pragma unroll
         for (int u = 0; u < kReduceUnroll; ++u) {
-          const int64_t i = base + u * 32 + lane;
-          in0[u].vec = V{};
-          in1[u].vec = V{};
-          if (i < n_vec) {
-            in0[u].vec = ld_coherent(row0 + i);
-            if (two) in1[u].vec = ld_coherent(row1 + i);
+#pragma unroll
+          for (int e = 0; e < P::kElems; ++e) acc[u][e] = 0.0f;
+        }
+        // Two source rows per step (loads of both in flight), added in ascending rank order.
+        for (unsigned m = src_lanes; m != 0;) {
+          const int r0 = __ffs(m) - 1;
+          m &= m - 1;
+          const bool two = m != 0;
+          const int r1 = two ? __ffs(m) - 1 : r0;
+          if (two) m &= m - 1;
+          const V* row0 = row_of(r0);
+          const V* row1 = row_of(r1);
+          P in0[kReduceUnroll], in1[kReduceUnroll];
+#pragma unroll
+          for (int u = 0; u < kReduceUnroll; ++u) {
+            const int64_t i = base + u * 32 + lane;
+            in0[u].vec = V{};
+            in1[u].vec = V{};
+            if (i < n_vec) {
+              in0[u].vec = ld_coherent(row0 + i);
+              if (two) in1[u].vec = ld_coherent(row1 + i);
+            }
           }
-        }
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-#pragma unroll
-          for (int e = 0; e < P::kElems; ++e) acc[u][e] += Elem<T>::to_f32(in0[u].elem[e]);
-        }
-        if (two) {
 #pragma unroll
           for (int u = 0; u < kReduceUnroll; ++u) {
 #pragma unroll
-            for (int e = 0; e < P::kElems; ++e) acc[u][e] += Elem<T>::to_f32(in1[u].elem[e]);
+            for (int e = 0; e < P::kElems; ++e) acc[u][e] += Elem<T>::to_f32(in0[u].elem[e]);
+          }
+          if (two) {
+#pragma unroll
+            for (int u = 0; u < kReduceUnroll; ++u) {
+#pragma unroll
+              for (int e = 0; e < P::kElems; ++e) acc[u][e] += Elem<T>::to_f32(in1[u].elem[e]);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kReduceUnroll; ++u) {
+          const int64_t i = base + u * 32 + lane;
+          if (i < n_vec) {
+            P o;
+#pragma unroll
+            for (int e = 0; e < P::kElems; ++e) o.elem[e] = Elem<T>::from_f32(acc[u][e]);
+            out[t * n_vec + i] = o.vec;
           }
         }
       }
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int64_t i = base + u * 32 + lane;
-        if (i < n_vec) {
-          P o;
-#pragma unroll
-          for (int e = 0; e < P::kElems; ++e) o.elem[e] = Elem<T>::from_f32(acc[u][e]);
-          out[t * n_vec + i] = o.vec;
-        }
-      }
     }
+    t0 = t_after;
   }
 }
 
@@ -156,11 +164,16 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParam
   const int lane = threadIdx.x & 31;
   const bool sender = (threadIdx.x >> 5) < p.send_warps;
   if (sender) {
-    send_back<V, kUnroll>(p, seq, s_peer, s_recv_start, s_most_from_a_peer, stamps, lane);
-  } else {
-    reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, stamps, lane);
+    send_back<V, kUnroll>(p, seq, my_base, s_peer, s_recv_start, s_most_from_a_peer, stamps, lane);
+    stamps.role_done(0);
   }
-  stamps.role_done(sender ? 0 : 1);
+  // Reducers, and senders once they have nothing left to send (one call site: registers).
+  reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, stamps, lane);
+  if (sender) {
+    stamps.help_done();
+  } else {
+    stamps.role_done(1);
+  }
   end_operation(my_base, seq);
   stamps.mark(kStampEnd);
 }

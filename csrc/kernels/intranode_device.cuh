@@ -89,18 +89,33 @@ __device__ __forceinline__ uint64_t begin_operation(int64_t my_base, uint64_t* s
 }
 
 // Called by every thread of every block that did not fail: the last block to get here records
-// seq as finished. The next kernel on the stream starts after this one, so it reads seq.
-__device__ __forceinline__ void end_operation(int64_t my_base, uint64_t seq) {
+// seq as finished and resets the work counter (every block is past its last claim). The next
+// kernel on the stream starts after this one, so it reads seq. True in thread 0 of that block.
+__device__ __forceinline__ bool end_operation(int64_t my_base, uint64_t seq) {
   __syncthreads();
+  bool last = false;
   if (threadIdx.x == 0) {
     unsigned* finished = reinterpret_cast<unsigned*>(my_base + kFinishedOffset);
     __threadfence();
     if (atomicAdd(finished, 1u) == gridDim.x - 1) {
       *reinterpret_cast<volatile unsigned*>(finished) = 0;
+      *reinterpret_cast<volatile unsigned*>(my_base + kWorkOffset) = 0;
+      *reinterpret_cast<volatile unsigned*>(my_base + kRecvWorkOffset) = 0;
       *reinterpret_cast<volatile uint64_t*>(my_base + kOpCountOffset) = seq;
       __threadfence();
+      last = true;
     }
   }
+  return last;
+}
+
+// The next chunk of work for this warp (chunk index; the caller multiplies by the chunk size),
+// claimed from one of the operation's local counters (kWorkOffset: sending, kRecvWorkOffset:
+// receiving or reducing). Warp-collective, lane 0 claims.
+__device__ __forceinline__ int64_t claim_chunk(int64_t my_base, int lane, int64_t counter = kWorkOffset) {
+  unsigned chunk = 0;
+  if (lane == 0) chunk = atomicAdd(reinterpret_cast<unsigned*>(my_base + counter), 1u);
+  return static_cast<int64_t>(__shfl_sync(0xffffffffu, chunk, 0));
 }
 
 // Called by every thread at kernel start; true when an earlier operation failed on this GPU
@@ -220,12 +235,20 @@ struct WarpStamps {
       if (first_row == 0) first_row = global_timer_ns();
     }
   }
-  __device__ __forceinline__ void role_done(int role) const {
+  __device__ __forceinline__ void role_done(int role) {
     put(kStampFirstRow, first_row);
     put(kStampWaitNs, waited_ns);
     put(kStampRows, rows);
     put(kStampRole, static_cast<uint64_t>(role));
+    put(kStampHelpRows, 0);
+    put(kStampHelpDone, 0);
     mark(kStampRoleDone);
+    rows = 0;  // from here on: rows this warp handles for the other role
+  }
+  // A sender that joined the receivers is done there too.
+  __device__ __forceinline__ void help_done() const {
+    put(kStampHelpRows, rows);
+    mark(kStampHelpDone);
   }
 };
 
@@ -264,15 +287,6 @@ __device__ __forceinline__ int64_t interleaved_row(int64_t w, int W, int me, con
 __device__ __forceinline__ int source_of_row(int64_t i, int W, const int64_t* s_recv_start, int lane) {
   const unsigned at_or_before = __ballot_sync(0xffffffffu, lane < W && s_recv_start[lane] <= i);
   return 31 - __clz(at_or_before);
-}
-
-// This warp's index among the warps of its role in the grid, and how many there are.
-struct RoleWarps {
-  int64_t index, count;
-};
-__device__ __forceinline__ RoleWarps role_warps(int first_warp, int warps_per_block) {
-  return {static_cast<int64_t>(blockIdx.x) * warps_per_block + (threadIdx.x >> 5) - first_warp,
-          static_cast<int64_t>(gridDim.x) * warps_per_block};
 }
 
 // ------------------------------------------------------------------------------------------ element types

@@ -18,6 +18,7 @@ namespace {
 using namespace dev;
 
 constexpr int kMaxSharedExperts = 12288;  // s_hist must fit 48 KiB of dynamic shared memory
+constexpr int kRecvChunk = 4;             // interleaved (source, row) positions a receiver claims at once
 
 // Vectors per lane a sender keeps in flight. 16 would spill: a sender also holds the next
 // token's route and every destination's addresses.
@@ -51,7 +52,7 @@ struct PlainRows {
   }
 };
 
-constexpr int kQuantUnroll = 8;  // vectors per lane quantised at once (registers: values, e4m3 and scales)
+constexpr int kQuantUnroll = 6;  // vectors per lane quantised at once (registers: values, e4m3 and scales; 8 spills)
 
 // kUnroll: vectors per lane in flight when a receiver copies the e4m3 bytes out.
 template <typename T, int kUnroll>
@@ -96,10 +97,11 @@ struct Fp8Rows {
 #pragma unroll
         for (int off = kGroupLanes / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
         const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
+        const float inv = __frcp_rn(s);  // one division per block; x * inv is the contract
         scale[u] = s;
 #pragma unroll
         for (int e = 0; e < kElems; e += 2) {
-          q[u].elem[e / 2] = __nv_cvt_float2_to_fp8x2(make_float2(__fdiv_rn(f[e], s), __fdiv_rn(f[e + 1], s)),
+          q[u].elem[e / 2] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[e], inv), __fmul_rn(f[e + 1], inv)),
                                                       __NV_SATFINITE, __NV_E4M3);
         }
       }
@@ -167,22 +169,24 @@ __device__ __forceinline__ void write_out_meta(const DispatchParams& p, int64_t 
 }
 
 template <class Rows>
-__device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t* s_peer, const int64_t* s_recv_start,
-                            const int64_t* s_send_row, int* s_hist, WarpStamps& stamps, int lane) {
+__device__ void send_tokens(const DispatchParams& p, uint64_t seq, int64_t my_base, const int64_t* s_peer,
+                            const int64_t* s_recv_start, const int64_t* s_send_row, int* s_hist, WarpStamps& stamps,
+                            int lane) {
   const int me = p.c.rank, k = p.topk;
-  const RoleWarps rw = role_warps(0, p.send_warps);
   const int C = p.send_chunk;
-  const int64_t stride = rw.count * C;
   TokenRoute next;
-  if (rw.index * C < p.num_tokens) next = load_route(p, rw.index * C, lane);
-  for (int64_t c0 = rw.index * C; c0 < p.num_tokens; c0 += stride) {
+  int64_t c0 = claim_chunk(my_base, lane) * C;
+  if (c0 < p.num_tokens) next = load_route(p, c0, lane);
+  while (c0 < p.num_tokens) {
+    // Claimed now, used at the chunk's last token: the atomic's latency hides under the rows.
+    const int64_t c_after = claim_chunk(my_base, lane) * C;
     // Lane r: the rows of this chunk's tokens at peer r, [first_row, last_row] (contiguous:
     // consecutive tokens bound for r take consecutive slots there).
     int64_t first_row = -1, last_row = -1;
     const int64_t c1 = c0 + C < p.num_tokens ? c0 + C : p.num_tokens;
     for (int64_t t = c0; t < c1; ++t) {
       const TokenRoute route = next;
-      const int64_t t_next = t + 1 < c1 ? t + 1 : c0 + stride;
+      const int64_t t_next = t + 1 < c1 ? t + 1 : c_after;
       if (t_next < p.num_tokens) next = load_route(p, t_next, lane);
       const int slot = route.slot;
       // Lane r: destination r's addresses. This rank's own row goes straight to the outputs
@@ -227,6 +231,7 @@ __device__ void send_tokens(const DispatchParams& p, uint64_t seq, const int64_t
       for (int64_t row = first_row; row <= last_row; ++row) st_relaxed_sys(flags + row, seq);
     }
     stamps.moved(c1 - c0);
+    c0 = c_after;
   }
 }
 
@@ -235,22 +240,31 @@ __device__ void receive_rows(const DispatchParams& p, uint64_t seq, int64_t my_b
                              int64_t most_from_a_peer, int* s_hist, WarpStamps& stamps, int lane) {
   const CommonParams& c = p.c;
   const int W = c.num_ranks, k = p.topk;
-  const RoleWarps rw = role_warps(p.send_warps, kWarps - p.send_warps);
   const int2* meta = reinterpret_cast<const int2*>(my_base + p.meta_region_offset);
   const uint64_t* flags = reinterpret_cast<const uint64_t*>(my_base + p.flag_region_offset);
-  for (int64_t w = rw.index; w < W * most_from_a_peer; w += rw.count) {
-    const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
-    if (i < 0 || i >= p.num_out_rows) continue;
-    const uint64_t wait_start = stamps.now();
-    if (!__all_sync(0xffffffffu, wait_at_least(flags + i, seq, c.timeout_ns))) {
-      const int src = source_of_row(i, W, s_recv_start, lane);
-      if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, src, kDispatch);
-      return;
+  const int64_t items = W * most_from_a_peer;  // interleaved (source, row) positions
+  int64_t w0 = claim_chunk(my_base, lane, kRecvWorkOffset) * kRecvChunk;
+  while (w0 < items) {
+    const int64_t w_after = claim_chunk(my_base, lane, kRecvWorkOffset) * kRecvChunk;
+    const int64_t w1 = w0 + kRecvChunk < items ? w0 + kRecvChunk : items;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = interleaved_row(w, W, c.rank, s_recv_start);
+      if (i < 0 || i >= p.num_out_rows) continue;
+      const uint64_t wait_start = stamps.now();
+      if (!__all_sync(0xffffffffu, wait_at_least(flags + i, seq, c.timeout_ns))) {
+        const int src = source_of_row(i, W, s_recv_start, lane);
+        if (lane == 0) record_failure(c, my_base, seq, kDataTimeout, src, kDispatch);
+        return;
+      }
+      stamps.waited_since(wait_start);
+      stamps.moved(1);
+      // The metadata load is issued before the row copy, so its latency hides under it.
+      const int2 m0 = lane < k ? ld_coherent(meta + i * k + lane) : make_int2(-1, 0);
+      Rows::receive(p, i, my_base + p.x_region_offset + i * p.x_row_stride, lane);
+      if (lane < k) write_out_meta(p, i, lane, m0, s_hist);
+      for (int j = lane + 32; j < k; j += 32) write_out_meta(p, i, j, ld_coherent(meta + i * k + j), s_hist);
     }
-    stamps.waited_since(wait_start);
-    stamps.moved(1);
-    Rows::receive(p, i, my_base + p.x_region_offset + i * p.x_row_stride, lane);
-    for (int j = lane; j < k; j += 32) write_out_meta(p, i, j, ld_coherent(meta + i * k + j), s_hist);
+    w0 = w_after;
   }
 }
 
@@ -282,22 +296,29 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
   if (block_sees_sticky_error(my_base, &s_flag)) return;
   if (!ready_handshake(c, s_peer, seq, kDispatch, &s_flag)) return;
   stamps.mark(kStampReady);
-  if (blockIdx.x == 0 && tid == 0 && s_recv_start[W] > p.num_out_rows) {
-    record_failure(c, my_base, seq, kBudgetExceeded, static_cast<int>(s_recv_start[W]), kDispatch);
-  }
 
   const bool sender = (tid >> 5) < p.send_warps;
   if (sender) {
-    send_tokens<Rows>(p, seq, s_peer, s_recv_start, s_send_row, s_hist, stamps, lane);
-  } else {
-    receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, stamps, lane);
+    send_tokens<Rows>(p, seq, my_base, s_peer, s_recv_start, s_send_row, s_hist, stamps, lane);
+    stamps.role_done(0);
   }
-  stamps.role_done(sender ? 0 : 1);
+  // Receivers, and senders once they have nothing left to send (one call site: registers).
+  receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, stamps, lane);
+  if (sender) {
+    stamps.help_done();
+  } else {
+    stamps.role_done(1);
+  }
   __syncthreads();
   for (int e = tid; e < epl; e += kThreads) {
     if (s_hist[e] != 0) atomicAdd(&p.recv_expert_counts[e], s_hist[e]);
   }
-  end_operation(my_base, seq);
+  // A budget overflow is reported once every block is done: recorded earlier, it would make
+  // blocks that start late skip their part (sticky word), and peers would time out instead.
+  // Rows past the budget were dropped on both sides meanwhile.
+  if (end_operation(my_base, seq) && s_recv_start[W] > p.num_out_rows) {
+    record_failure(c, my_base, seq, kBudgetExceeded, static_cast<int>(s_recv_start[W]), kDispatch);
+  }
   stamps.mark(kStampEnd);
 }
 

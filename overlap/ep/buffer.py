@@ -162,8 +162,8 @@ class EPBuffer:
                      num_worst_tokens: Optional[int] = None):
         """:meth:`dispatch` with the cast to FP8 fused into the send (about half the bytes on the wire).
 
-        Rows travel as e4m3 with one fp32 scale per 128 channels (``scale = amax / 448``;
-        ``hidden`` must be a multiple of 128). Returns ``(recv_x float8_e4m3fn, recv_scales
+        Rows travel as e4m3 with one fp32 scale per 128 channels (``scale = amax / 448``,
+        ``value = x * (1 / scale)``; ``hidden`` must be a multiple of 128). Returns ``(recv_x float8_e4m3fn, recv_scales
         [R, hidden/128] float32, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert,
         handle)``; the handle combines like a bf16 dispatch's. ``num_worst_tokens`` as for
         :meth:`dispatch`. Backends without it raise NotImplementedError.

@@ -13,7 +13,7 @@ from statistics import median
 
 import torch
 
-START, READY, FIRST_ROW, ROLE_DONE, WAIT_NS, ROWS, ROLE, END = range(8)
+START, READY, FIRST_ROW, ROLE_DONE, WAIT_NS, ROWS, ROLE, END, HELP_ROWS, HELP_DONE = range(10)
 SENDER, RECEIVER = 0, 1
 
 
@@ -26,7 +26,10 @@ def summarize(stamps: torch.Tensor) -> dict[str, float]:
     - per role (``send_``/``recv_``): ``busy_us`` median and ``busy_max_us`` of ready to the
       role's last row, ``first_row_us`` median of ready to its first row, ``wait_share`` the
       fraction of busy time spent waiting (receivers: for flags; senders: in fences), ``rows``;
-    - ``tail_us``: the last role to finish to the last block's end.
+    - ``help_rows`` / ``help_busy_us`` (kernels with 10 stamp words): rows the senders
+      received (dispatch) or tokens they reduced (combine) after their last send, and the
+      median time that took; they count in ``recv_rows``;
+    - ``tail_us``: the last role (or help) to finish to the last block's end.
     """
     if stamps.dim() != 3 or stamps.shape[-1] < 8:
         raise ValueError(f"stamps must be [blocks, warps, 8], got shape {tuple(stamps.shape)}")
@@ -52,6 +55,15 @@ def summarize(stamps: torch.Tensor) -> dict[str, float]:
                     f"{name}_wait_share": sum(w[WAIT_NS] for w in ws) / busy_ns if busy_ns else 0.0,
                     f"{name}_rows": float(sum(w[ROWS] for w in ws))})
         last_done = max(last_done, max(w[ROLE_DONE] for w in ws))
+    if stamps.shape[-1] > HELP_DONE:
+        helpers = [w for w in s if w[ROLE] == SENDER and w[HELP_ROWS] > 0 and w[HELP_DONE] >= w[ROLE_DONE]]
+        help_rows = float(sum(w[HELP_ROWS] for w in helpers))
+        out["help_rows"] = help_rows
+        out["help_busy_us"] = median((w[HELP_DONE] - w[ROLE_DONE]) / 1e3 for w in helpers) if helpers else 0.0
+        if "recv_rows" in out:
+            out["recv_rows"] += help_rows
+        if helpers:
+            last_done = max(last_done, max(w[HELP_DONE] for w in helpers))
     out["tail_us"] = (end - last_done) / 1e3
     return out
 

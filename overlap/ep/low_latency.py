@@ -168,6 +168,7 @@ class LowLatencyEP:
         self._peer_list = self._symm.peer_bases.tolist()
         self._my_base = self._peer_list[buffer.rank]
         self._staging = torch.empty(self.layout.staging_bytes, dtype=torch.uint8, device=buffer.device)
+        self._nccl_recv: dict[int, torch.Tensor] = {}  # per kind, ordinary memory (see _send)
         self._side = {d: torch.cuda.Stream(device=buffer.device) for d in range(W) if d != buffer.rank}
         self._comm = torch.cuda.Stream(device=buffer.device)
         self._views: dict = {}
@@ -236,9 +237,19 @@ class LowLatencyEP:
         if transport == "nccl":
             send = self._staging[stage_off:stage_off + W * rstride]
             recv = self._view(("slot", kind, slot), self._my_base + lay.slot_offset(kind, slot), lay.slot_bytes(kind))
+            # NCCL receives into ordinary memory, then one local copy fills the slot: with the
+            # symmetric-memory slot as its receive buffer, a graph-captured all_to_all_single
+            # never finished its first replay (2 and 4 H200, NCCL 2.28), while the same call
+            # on ordinary tensors replays fine. One buffer per kind is enough: every NCCL
+            # transfer and its copy run in order on the one communication stream.
+            scratch = self._nccl_recv.get(kind)
+            if scratch is None:
+                scratch = torch.empty(lay.slot_bytes(kind), dtype=torch.uint8, device=buf.device)
+                self._nccl_recv[kind] = scratch
             self._comm.wait_stream(caller)
             with torch.cuda.stream(self._comm):
-                dist.all_to_all_single(recv[:W * rstride], send, group=buf.group)
+                dist.all_to_all_single(scratch[:W * rstride], send, group=buf.group)
+                recv[:W * rstride].copy_(scratch[:W * rstride])
             done = torch.cuda.Event()
             done.record(self._comm)
             return [done]
@@ -297,7 +308,7 @@ class LowLatencyEP:
             topk_weights: ``[T, k]`` routing weights; needed by :meth:`combine` (they travel with
                 the tokens so the expert side can weight its partial sums).
             use_fp8: cast to e4m3 in the pack kernel, one fp32 scale per 128 channels
-                (``scale = amax / 448``, 1 for an all-zero block).
+                (``scale = amax / 448``, 1 for an all-zero block; ``value = x * (1 / scale)``).
             return_recv_hook: return before the data arrived; call the hook to receive.
             transport: ``"copy_engine"``, ``"sm"`` or ``"nccl"``.
 

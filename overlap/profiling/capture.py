@@ -40,14 +40,18 @@ def _current_rank() -> int:
 
 def capture_trace(fn: Callable[[], Any], out_path: str | os.PathLike, *, warmup: int = 1, active: int = 1,
                   record_shapes: bool = False, with_stack: bool = False, profile_memory: bool = False,
-                  activities: Iterable | None = None, rank: int | None = None, barrier: bool = True) -> str:
+                  activities: Iterable | None = None, rank: int | None = None, barrier: bool = True,
+                  sync_each_step: bool = True) -> str:
     """Run ``fn()`` ``warmup + active`` times under torch.profiler; export the active steps.
 
     ``warmup`` steps are traced but discarded (the profiler's own warm-up, which keeps its
     start-up cost out of the window); each of the ``active`` steps is one ``ProfilerStep#N``
     range in the trace. CUDA is synchronised at the end of every step so a step's kernels land
-    in its window. With an initialised process group the ranks meet at a barrier first, so
-    their windows start together. ``rank`` defaults to the process-group rank (0 without one).
+    in its window; ``sync_each_step=False`` synchronises only after the last step, so the steps
+    run back to back as in training (the host queues step N+1 while the GPU runs step N, and
+    no rank idles at a step boundary while its peers' communication kernels wait for it; a
+    step's kernels may then show up in the next step's window). With an initialised process
+    group the ranks meet at a barrier first, so their windows start together. ``rank`` defaults to the process-group rank (0 without one).
     Returns the path written, ``trace_path(out_path, rank)``.
     """
     import torch
@@ -81,9 +85,9 @@ def capture_trace(fn: Callable[[], Any], out_path: str | os.PathLike, *, warmup:
                    on_trace_ready=_export, record_shapes=record_shapes, with_stack=with_stack,
                    profile_memory=profile_memory)
     with prof:
-        for _ in range(warmup + active):
+        for i in range(warmup + active):
             fn()
-            if use_cuda:
+            if use_cuda and (sync_each_step or i == warmup + active - 1):
                 torch.cuda.synchronize()
             prof.step()
     if not exported:

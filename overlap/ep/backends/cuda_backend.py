@@ -167,8 +167,6 @@ class CudaBackend(EPBackend):
         self._symm = None
         self._regions: Optional[_RegionLayout] = None
         self._generation = 0
-        self._seq = 0
-        self._done_total = 0
         self._failure: Optional[str] = None
         self._stream = None
         self._status = None
@@ -246,8 +244,6 @@ class CudaBackend(EPBackend):
                                      canary_offset=self._canary_offset, generation=self._generation)
         self._symm.record_stream(self._stream)
         self._regions = regions
-        self._seq = 0          # signal words of the new buffer start at zero
-        self._done_total = 0
 
     # ------------------------------------------------------------------------------------ status
     def _raise_if_failed(self) -> None:
@@ -271,12 +267,8 @@ class CudaBackend(EPBackend):
         self._raise_if_failed()
 
     def _op_args(self, num_blocks: int) -> tuple:
-        """The arguments every kernel op takes, in their schema order; counts the operation.
-
-        The kernels number operations on the GPU; the host keeps the same count for kernels
-        that take it as an argument (see the Triton backend).
-        """
-        self._seq += 1
+        """The arguments every kernel op takes, in their schema order (the kernels number
+        operations on the GPU, so nothing per call travels from the host)."""
         buf = self.buffer
         return (buf.rank, num_blocks, buf.max_tokens_per_rank, int(self._timeout_s * 1e9), self._status_ptr)
 
@@ -317,8 +309,8 @@ class CudaBackend(EPBackend):
         """Dispatch with the cast to FP8 fused into the send (about half the bytes of bf16 on the wire).
 
         Each row is sent as e4m3 values with one fp32 scale per 128 channels: ``scale = amax /
-        448`` over the block (1 for an all-zero block), ``value = x / scale`` rounded to nearest
-        and saturated. ``hidden`` must be a multiple of 128. Inputs arrive validated, as for
+        448`` over the block (1 for an all-zero block), ``value = x * (1 / scale)`` (each step
+        rounded to nearest; one division per block) and saturated. ``hidden`` must be a multiple of 128. Inputs arrive validated, as for
         :meth:`dispatch` (see :meth:`EPBuffer.dispatch_fp8`).
 
         Returns ``(recv_x [R, hidden] float8_e4m3fn, recv_scales [R, hidden / 128] float32,
