@@ -237,7 +237,7 @@ std::tuple<at::Tensor, int64_t> intranode_alloc_status(int64_t num_words) {
 std::vector<int64_t> intranode_layout() {
   return {in::kSignalBytes,       in::kCanaryOffset,       in::kMaxRanks,         in::kStatusWords,
           in::kWarps,             in::kDefaultSendWarps,   in::kMaxSendChunk,     in::kDefaultSendChunk,
-          in::kDefaultFp8SendWarps, in::kDefaultCopyUnroll, in::kStampWords};
+          in::kDefaultFp8SendWarps, in::kDefaultCopyUnroll, in::kStampWords, in::kDefaultCombineSendChunk};
 }
 
 }  // namespace

@@ -113,7 +113,8 @@ def _bench_rank(rank, world_size, args):
                 rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode,
                              "send_warps": (None if tuning is None else
                                             tuning.fp8_send_warps if dtype_name == "fp8" else tuning.send_warps),
-                             "send_chunk": None if tuning is None else tuning.send_chunk,
+                             "send_chunk": (None if tuning is None else
+                                            tuning.combine_send_chunk if op == "combine" else tuning.send_chunk),
                              "copy_unroll": None if tuning is None else tuning.copy_unroll,
                              "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,

@@ -84,7 +84,8 @@ def _phases_rank(rank, world_size, args):
                              "num_sms": num_sms, "op": label,
                              "send_warps": backend.tuning.fp8_send_warps if label == "dispatch fp8"
                              else backend.tuning.send_warps,
-                             "send_chunk": backend.tuning.send_chunk, "copy_unroll": backend.tuning.copy_unroll,
+                             "send_chunk": backend.tuning.combine_send_chunk if label.startswith("combine")
+                             else backend.tuning.send_chunk, "copy_unroll": backend.tuning.copy_unroll,
                              "call_us": float(t[0]), "kernel_us_slowest_rank": float(t[1]),
                              **{f"rank{rank}_{k}": v for k, v in s.items()}})
             del buf

@@ -115,20 +115,23 @@ def test_kernel_tuning_env(monkeypatch):
     from overlap.ep.backends.cuda_backend import KernelTuning
 
     names = ("OVERLAP_CUDA_SEND_WARPS", "OVERLAP_CUDA_FP8_SEND_WARPS", "OVERLAP_CUDA_SEND_CHUNK",
-             "OVERLAP_CUDA_COPY_UNROLL", "OVERLAP_CUDA_STAMPS")
+             "OVERLAP_CUDA_COPY_UNROLL", "OVERLAP_CUDA_STAMPS", "OVERLAP_CUDA_COMBINE_SEND_CHUNK")
     for name in names:
         monkeypatch.delenv(name, raising=False)
 
     def tuning():
-        return KernelTuning.from_env(16, 6, 32, 8, 10, 16)
+        return KernelTuning.from_env(16, 6, 32, 4, 10, 16, 8)
 
-    assert tuning() == KernelTuning(send_warps=6, fp8_send_warps=10, send_chunk=8, copy_unroll=16, stamps=False)
-    for name, value in zip(names, ("12", "3", "1", "8", "1")):
+    assert tuning() == KernelTuning(send_warps=6, fp8_send_warps=10, send_chunk=4, copy_unroll=16, stamps=False,
+                                    combine_send_chunk=8)
+    for name, value in zip(names, ("12", "3", "1", "8", "1", "2")):
         monkeypatch.setenv(name, value)
-    assert tuning() == KernelTuning(send_warps=12, fp8_send_warps=3, send_chunk=1, copy_unroll=8, stamps=True)
+    assert tuning() == KernelTuning(send_warps=12, fp8_send_warps=3, send_chunk=1, copy_unroll=8, stamps=True,
+                                    combine_send_chunk=2)
     for name, bad in (("OVERLAP_CUDA_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_WARPS", "0"),
                       ("OVERLAP_CUDA_FP8_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_CHUNK", "33"),
-                      ("OVERLAP_CUDA_SEND_CHUNK", "x"), ("OVERLAP_CUDA_COPY_UNROLL", "12"),
+                      ("OVERLAP_CUDA_SEND_CHUNK", "x"), ("OVERLAP_CUDA_COMBINE_SEND_CHUNK", "0"),
+                      ("OVERLAP_CUDA_COPY_UNROLL", "12"),
                       ("OVERLAP_CUDA_STAMPS", "yes")):
         good = os.environ[name]
         monkeypatch.setenv(name, bad)

@@ -14,8 +14,9 @@ receivers, and every row carries an arrival flag raised after each chunk of rows
 sent (one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
 the GPU. Tuning knobs (environment, read when the buffer is set up; see :class:`KernelTuning`):
 ``OVERLAP_CUDA_SEND_WARPS`` (warps of 16 that send, default 6), ``OVERLAP_CUDA_FP8_SEND_WARPS``
-(the same for the quantising FP8 dispatch, default 10), ``OVERLAP_CUDA_SEND_CHUNK`` (rows per
-fence, default 8), ``OVERLAP_CUDA_COPY_UNROLL`` (16-byte vectors per lane in flight in a dispatch receiver, 8 or 16,
+(the same for the quantising FP8 dispatch, default 10), ``OVERLAP_CUDA_SEND_CHUNK`` (dispatch tokens
+per fence, default 4), ``OVERLAP_CUDA_COMBINE_SEND_CHUNK`` (combine rows per fence, default 8),
+``OVERLAP_CUDA_COPY_UNROLL`` (16-byte vectors per lane in flight in a dispatch receiver, 8 or 16,
 default 16). ``OVERLAP_CUDA_STAMPS=1`` makes every warp record %globaltimer phase stamps,
 read back with :meth:`CudaBackend.last_phase_stamps` (see :mod:`overlap.ep.kernel_stamps`).
 
@@ -50,6 +51,7 @@ TIMEOUT_ENV = "OVERLAP_KERNEL_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
 SEND_WARPS_ENV = "OVERLAP_CUDA_SEND_WARPS"
 SEND_CHUNK_ENV = "OVERLAP_CUDA_SEND_CHUNK"
+COMBINE_SEND_CHUNK_ENV = "OVERLAP_CUDA_COMBINE_SEND_CHUNK"
 FP8_SEND_WARPS_ENV = "OVERLAP_CUDA_FP8_SEND_WARPS"
 COPY_UNROLL_ENV = "OVERLAP_CUDA_COPY_UNROLL"
 STAMPS_ENV = "OVERLAP_CUDA_STAMPS"
@@ -84,7 +86,8 @@ class KernelTuning:
 
     ``send_warps`` of the 16 warps of a block send and the rest receive (``fp8_send_warps`` for
     the FP8 dispatch, whose quantising send needs more arithmetic); a sender warp fences once
-    per ``send_chunk`` rows; a row copy keeps ``copy_unroll`` 16-byte vectors per lane in flight;
+    per ``send_chunk`` tokens in a dispatch and per ``combine_send_chunk`` rows in a combine (senders
+    and receivers claim such chunks from a counter); a row copy keeps ``copy_unroll`` 16-byte vectors per lane in flight;
     ``stamps``: every warp records phase stamps.
     """
 
@@ -93,25 +96,31 @@ class KernelTuning:
     send_chunk: int
     copy_unroll: int
     stamps: bool = False
+    combine_send_chunk: int = 8
 
     @classmethod
     def from_env(cls, num_warps: int, default_warps: int, max_chunk: int, default_chunk: int,
-                 default_fp8_warps: int, default_unroll: int) -> "KernelTuning":
+                 default_fp8_warps: int, default_unroll: int, default_combine_chunk: int = 8) -> "KernelTuning":
         """The kernels' defaults, overridden by ``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_FP8_SEND_WARPS``,
-        ``OVERLAP_CUDA_SEND_CHUNK``, ``OVERLAP_CUDA_COPY_UNROLL`` and ``OVERLAP_CUDA_STAMPS``."""
+        ``OVERLAP_CUDA_SEND_CHUNK``, ``OVERLAP_CUDA_COMBINE_SEND_CHUNK``, ``OVERLAP_CUDA_COPY_UNROLL`` and
+        ``OVERLAP_CUDA_STAMPS``."""
         def warps(name: str, default: int) -> int:
             return env_number(name, default, int, lambda v: 1 <= v < num_warps,
                               f"an integer in [1, {num_warps - 1}] (warps per block that send; the others receive)")
+
+        def chunk(name: str, default: int) -> int:
+            return env_number(name, default, int, lambda v: 1 <= v <= max_chunk,
+                              f"an integer in [1, {max_chunk}] (rows a sender warp sends per fence)")
 
         stamps = os.environ.get(STAMPS_ENV, "").strip().lower()
         if stamps not in ("", "0", "1"):
             raise ValueError(f"{STAMPS_ENV}={stamps!r} must be 0 or 1")
         return cls(send_warps=warps(SEND_WARPS_ENV, default_warps),
                    fp8_send_warps=warps(FP8_SEND_WARPS_ENV, default_fp8_warps),
-                   send_chunk=env_number(SEND_CHUNK_ENV, default_chunk, int, lambda v: 1 <= v <= max_chunk,
-                                         f"an integer in [1, {max_chunk}] (rows a sender warp sends per fence)"),
+                   send_chunk=chunk(SEND_CHUNK_ENV, default_chunk),
                    copy_unroll=env_number(COPY_UNROLL_ENV, default_unroll, int, lambda v: v in (8, 16), "8 or 16"),
-                   stamps=stamps == "1")
+                   stamps=stamps == "1",
+                   combine_send_chunk=chunk(COMBINE_SEND_CHUNK_ENV, default_combine_chunk))
 
 
 class _RegionLayout:
@@ -182,8 +191,9 @@ class CudaBackend(EPBackend):
         if "nccl" not in str(dist.get_backend(buffer.group)).lower():
             raise ValueError(f"backend={self.name!r} needs an NCCL process group, got {dist.get_backend(buffer.group)!r}")
         (signal_bytes, canary_offset, max_ranks, status_words, num_warps, send_warps, max_chunk, send_chunk,
-         fp8_send_warps, copy_unroll, stamp_words) = torch.ops.overlap.intranode_layout()
-        self.tuning = KernelTuning.from_env(num_warps, send_warps, max_chunk, send_chunk, fp8_send_warps, copy_unroll)
+         fp8_send_warps, copy_unroll, stamp_words, combine_chunk) = torch.ops.overlap.intranode_layout()
+        self.tuning = KernelTuning.from_env(num_warps, send_warps, max_chunk, send_chunk, fp8_send_warps, copy_unroll,
+                                            combine_chunk)
         if buffer.world_size > max_ranks:
             raise ValueError(f"backend={self.name!r} supports at most {max_ranks} ranks, the group has {buffer.world_size}")
         # Kernels count blocks across ranks and index rows by max_tokens_per_rank: all must agree.
@@ -391,7 +401,7 @@ class CudaBackend(EPBackend):
     def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
         self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, matrix, peers, out,
                      *self._op_args(self.buffer.num_sms), regions.combine_offset, row_stride,
-                     regions.combine_flags_offset, self.tuning.send_warps, self.tuning.send_chunk,
+                     regions.combine_flags_offset, self.tuning.send_warps, self.tuning.combine_send_chunk,
                      self.tuning.copy_unroll, self._stamps_ptr("combine"))
 
     # ------------------------------------------------------------------------------------ combine
