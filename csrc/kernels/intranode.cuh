@@ -73,6 +73,12 @@ constexpr int64_t kCountsFlagOffset = 1536;  // u64 counts_flag[kMaxRanks]: rank
 constexpr int64_t kCanaryOffset = 2048;  // u64 written by the owner at setup, read by peers
 constexpr int64_t kCountsOffset = 4096;  // int32 counts[kMaxRanks][kMaxRanks]: [source][destination]
 constexpr int64_t kSignalBytes = 8192;   // regions start here (keeps them 4 KiB aligned)
+// The signal words must not overlap (the Triton kernels share this layout).
+static_assert(kReadyOffset + 8 * kMaxRanks <= kDoneOffset && kDoneOffset + 8 * kMaxRanks <= kErrorOffset, "signals");
+static_assert(kErrorOffset + 4 <= kOpCountOffset && kOpCountOffset + 8 <= kFinishedOffset, "signals");
+static_assert(kFinishedOffset + 4 <= kWorkOffset && kWorkOffset + 4 <= kRecvWorkOffset, "signals");
+static_assert(kRecvWorkOffset + 4 <= kCountsFlagOffset && kCountsFlagOffset + 8 * kMaxRanks <= kCanaryOffset, "signals");
+static_assert(kCanaryOffset + 8 <= kCountsOffset && kCountsOffset + 4 * kMaxRanks * kMaxRanks <= kSignalBytes, "signals");
 
 // Operation kinds (the low two bits of a ready value).
 enum OpKind : int { kDispatch = 1, kCombine = 2, kNotify = 3 };
