@@ -81,6 +81,20 @@ def test_hand_computed_overlap_two_devices():
     assert (s27.busy_us, s27.comm_us, s27.compute_us, s27.num_comm) == (20, 20, 0, 1)
 
 
+def test_exposed_by_kernel_names_the_open_transfer():
+    from overlap.profiling.analyze import short_kernel_name
+
+    combine = "void overlap::intranode::combine_kernel<float, 16, 8>(int)"
+    events = [kernel(GEMM, 0, 10, 7), kernel(NCCL, 2, 5, 27),      # NCCL hidden under the GEMM
+              kernel(combine, 8, 10, 28), kernel(GEMM, 15, 10, 7)]  # combine: [10, 15) in the open
+    a = analyze_trace({"traceEvents": events})
+    by = a.exposed_by_kernel("cuda:0")
+    assert by == {short_kernel_name(combine): 5.0, short_kernel_name(NCCL): 0.0}
+    assert list(by)[0] == short_kernel_name(combine)
+    with pytest.raises(KeyError, match="cuda:9"):
+        a.exposed_by_kernel("cuda:9")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_trace_matches_raster(seed):
     rng = random.Random(seed)

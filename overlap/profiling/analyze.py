@@ -164,6 +164,20 @@ class TraceAnalysis:
         comm = self.comm_us
         return self.overlapped_us / comm if comm > 0 else None
 
+    def exposed_by_kernel(self, device: str) -> dict[str, float]:
+        """Each communication kernel's (short name's) exposed time on ``device``: its time with no
+        compute beside it, summed over launches, largest first. Kernels that run at once each
+        count the shared time, so the values may add up to more than the device's exposed_us.
+        Says which transfer a schedule leaves in the open."""
+        exposed = self.exposed_intervals.get(device)
+        if exposed is None:
+            raise KeyError(f"no device {device!r} in this analysis (have {list(self.exposed_intervals)})")
+        out: dict[str, float] = collections.defaultdict(float)
+        for e, cls in self.classified:
+            if cls == COMM and e.lane[0] == device:
+                out[short_kernel_name(e.name)] += iv.total(iv.intersect([(e.ts, e.end)], exposed))
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def device(self, device: str) -> DeviceStats:
         for d in self.devices:
             if d.device == device:
