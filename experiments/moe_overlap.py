@@ -140,7 +140,8 @@ def _analyse(path: str, png: str | None):
             "comm_us": dev.comm_us, "compute_us": dev.compute_us, "overlapped_us": dev.overlapped_us,
             "exposed_us": dev.exposed_us,
             "hidden_pct": None if dev.overlap_share is None else 100.0 * dev.overlap_share,
-            "exposed_us_by_kernel": {k: round(v, 1) for k, v in analysis.exposed_by_kernel(dev.device).items()},
+            # rows are flat: "kernel=us; kernel=us", most exposed first
+            "exposed_us_by_kernel": "; ".join(f"{k}={v:.0f}" for k, v in analysis.exposed_by_kernel(dev.device).items()),
             "comm_sms_mode": dev.comm_sms_mode, "compute_sms_mode": dev.compute_sms_mode}
 
 
