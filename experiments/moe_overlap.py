@@ -19,7 +19,10 @@ warm-up, ranks aligned by a barrier; the slowest rank counts):
 ``ratio_vs_bound = fb_overlapped / max(compute_only, comm_only)`` (target <= 1.1). One Chrome
 trace per rank of the overlapped and of the serialized step goes to ``--out/traces``; the
 share of communication time overlapped by compute (``hidden_pct``, target >= 90%; DeepSeek's
-trace: 96.3%) is computed from each with ``overlap.profiling.analyze``.
+trace: 96.3%) is computed from each with ``overlap.profiling.analyze``; ``ep_kernels_hidden_pct``
+is the same share over the EP backend's own kernels only (kernel backends), which in PP mode
+leaves out the pipeline's NCCL send/recv (it waits through bubbles); ``exposed_us_by_kernel``
+says which kernel sat in the open.
 
 Budget mode (``--budget``; ``auto``, the default, turns it on for kernel backends or when a size
 below is given, off for ``torch``): every dispatch is sized by ``--num-worst-tokens`` (default:
@@ -126,11 +129,14 @@ def _barrier(device):
     return dist.barrier
 
 
-def _analyse(path: str, png: str | None):
+def _analyse(path: str, png: str | None, backend: str):
     from overlap.profiling import analyze_trace
 
     analysis = analyze_trace(path)
     dev = max(analysis.devices, key=lambda d: d.comm_us)   # the device that communicated
+    # The EP backend's own kernels alone: in PP mode NCCL also carries the pipeline's send/recv,
+    # which waits through the schedule's bubbles. (The torch backend's all-to-all is NCCL itself.)
+    ep_share = None if backend == "torch" else analysis.overlap_share_of(dev.device, lambda n: "nccl" not in n.lower())
     if png:
         from overlap.profiling import plot_timeline
 
@@ -140,12 +146,13 @@ def _analyse(path: str, png: str | None):
             "comm_us": dev.comm_us, "compute_us": dev.compute_us, "overlapped_us": dev.overlapped_us,
             "exposed_us": dev.exposed_us,
             "hidden_pct": None if dev.overlap_share is None else 100.0 * dev.overlap_share,
+            "ep_kernels_hidden_pct": None if ep_share is None else 100.0 * ep_share,
             # rows are flat: "kernel=us; kernel=us", most exposed first
             "exposed_us_by_kernel": "; ".join(f"{k}={v:.0f}" for k, v in analysis.exposed_by_kernel(dev.device).items()),
             "comm_sms_mode": dev.comm_sms_mode, "compute_sms_mode": dev.compute_sms_mode}
 
 
-def _trace(fn, args, name: str, rank: int, png: bool):
+def _trace(fn, args, name: str, rank: int, png: bool, backend: str):
     from overlap.profiling import capture_trace
 
     prefix = os.path.join(args.out, "traces", f"{name}.json")
@@ -156,7 +163,7 @@ def _trace(fn, args, name: str, rank: int, png: bool):
     fig = None
     if png and rank == 0 and args.figures:
         fig = os.path.join(args.figures, f"{name}_rank0.png")
-    return _analyse(path, fig)
+    return _analyse(path, fig, backend)
 
 
 def _ep_chain(rank, args, stage, device, dtype):
@@ -194,8 +201,10 @@ def _ep_chain(rank, args, stage, device, dtype):
                                  barrier=barrier)
 
     tag = args.tag
-    traces = {"fb_overlapped": _trace(overlapped, args, f"{tag}_overlapped", rank, png=True),
-              "fb_serialized": _trace(serialized, args, f"{tag}_serialized", rank, png=False)}
+    traces = {"fb_overlapped": _trace(overlapped, args, f"{tag}_overlapped", rank, png=True,
+                                            backend=stage.buffer.backend_name),
+              "fb_serialized": _trace(serialized, args, f"{tag}_serialized", rank, png=False,
+                                            backend=stage.buffer.backend_name)}
     torch.autograd.backward([chain["out"]], [g])   # finish the chain's last micro-batch
     dispatched = [pending.wait() for op, _, pending in calls if op == "dispatch_forward"]
     return timed, traces, {"transfers_per_step": len(calls),
@@ -263,8 +272,10 @@ def _pp_steps(rank, args, groups, buffer, cfg, device, dtype, budget):
     timed = {"step_overlapped": time_fn(with_overlap(True), warmup=args.warmup, iters=args.iters, barrier=barrier),
              "step_serialized": time_fn(with_overlap(False), warmup=args.warmup, iters=args.iters, barrier=barrier)}
     tag = args.tag
-    traces = {"step_overlapped": _trace(with_overlap(True), args, f"{tag}_overlapped", rank, png=True),
-              "step_serialized": _trace(with_overlap(False), args, f"{tag}_serialized", rank, png=False)}
+    traces = {"step_overlapped": _trace(with_overlap(True), args, f"{tag}_overlapped", rank, png=True,
+                                              backend=buffer.backend_name),
+              "step_serialized": _trace(with_overlap(False), args, f"{tag}_serialized", rank, png=False,
+                                              backend=buffer.backend_name)}
     return timed, traces, {}
 
 
@@ -345,6 +356,10 @@ def _rows(args, per_rank):
                "hidden_pct_mean": statistics.mean(hidden[key]) if hidden[key] else None,
                "serialized_hidden_pct_mean": statistics.mean(hidden[serial]) if hidden[serial] else None,
                "target_hidden_pct": TARGET_HIDDEN_PCT}
+    ep_hidden = [r["traces"][key]["ep_kernels_hidden_pct"] for r in per_rank
+                 if r["traces"][key].get("ep_kernels_hidden_pct") is not None]
+    summary["ep_kernels_hidden_pct_min"] = min(ep_hidden, default=None)
+    summary["ep_kernels_hidden_pct_mean"] = statistics.mean(ep_hidden) if ep_hidden else None
     summary["meets_hidden_target"] = (summary["hidden_pct_min"] is not None
                                       and summary["hidden_pct_min"] >= TARGET_HIDDEN_PCT)
     if args.pp == 1:

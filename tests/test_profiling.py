@@ -95,6 +95,19 @@ def test_exposed_by_kernel_names_the_open_transfer():
         a.exposed_by_kernel("cuda:9")
 
 
+def test_overlap_share_of_a_subset_of_comm():
+    """The EP kernels' share apart from a pipeline's NCCL send/recv that waits in the open."""
+    dispatch = "void overlap::intranode::dispatch_kernel<8>(int)"
+    events = [kernel(GEMM, 0, 10, 7), kernel(dispatch, 2, 6, 27), kernel(NCCL, 5, 20, 28)]
+    a = analyze_trace({"traceEvents": events})
+    assert a.overlap_share_of("cuda:0", lambda n: "nccl" not in n.lower()) == pytest.approx(1.0)
+    assert a.overlap_share_of("cuda:0", lambda n: "nccl" in n.lower()) == pytest.approx(5 / 20)
+    assert a.overlap_share_of("cuda:0", lambda n: False) is None
+    assert a.devices[0].overlap_share == pytest.approx(8 / 23)   # all comm: [2, 25) against [0, 10)
+    with pytest.raises(KeyError, match="cuda:3"):
+        a.overlap_share_of("cuda:3", lambda n: True)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_trace_matches_raster(seed):
     rng = random.Random(seed)

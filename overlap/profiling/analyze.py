@@ -43,7 +43,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from overlap.profiling import intervals as iv
 from overlap.profiling.breakdown import FIGURES as BREAKDOWN_FIGURES
@@ -177,6 +177,21 @@ class TraceAnalysis:
             if cls == COMM and e.lane[0] == device:
                 out[short_kernel_name(e.name)] += iv.total(iv.intersect([(e.ts, e.end)], exposed))
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def overlap_share_of(self, device: str, keep: Callable[[str], bool]) -> float | None:
+        """Share of the time of the comm events whose name passes ``keep`` that compute covers
+        on ``device`` (None when none passes): e.g. the EP kernels alone, leaving out a
+        pipeline's NCCL send/recv that waits through bubbles."""
+        if device not in self.exposed_intervals:
+            raise KeyError(f"no device {device!r} in this analysis (have {list(self.exposed_intervals)})")
+        comm_u = iv.union((e.ts, e.end) for e, cls in self.classified
+                          if cls == COMM and e.lane[0] == device and keep(e.name))
+        comp_u = iv.union((e.ts, e.end) for e, cls in self.classified if cls == COMPUTE and e.lane[0] == device)
+        if self.mode == "cpu":  # nested CPU ops: an enclosing comm op owns the time (as in analyze_trace)
+            comp_u = iv.subtract(comp_u, iv.union((e.ts, e.end) for e, cls in self.classified
+                                                  if cls == COMM and e.lane[0] == device))
+        total = iv.total(comm_u)
+        return iv.total(iv.intersect(comm_u, comp_u)) / total if total > 0 else None
 
     def device(self, device: str) -> DeviceStats:
         for d in self.devices:
