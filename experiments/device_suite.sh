@@ -63,10 +63,12 @@ if [ "$MODE" != tests ]; then
     # Each study takes --world-size and --out; extra flags per script after the colon.
     for entry in "experiments/link_probe.py:" "experiments/kernel_phases.py:" \
                  "experiments/pipeline_step_time.py:--figures $OUTDIR/results" "experiments/eplb_zipf.py:--fig-dir $OUTDIR/results --backend cuda" \
-                 "experiments/moe_overlap.py:--figures $OUTDIR/results" "experiments/decode_bench.py:" \
+                 "experiments/moe_overlap.py:--figures $OUTDIR/results" \
+                 "experiments/moe_overlap.py:--figures $OUTDIR/results --pp 2" "experiments/decode_bench.py:" \
                  "experiments/decode_overlap.py:" "experiments/sm_ablation.py:--fig-dir $OUTDIR/results" \
                  "experiments/capture_traces.py:--figures $OUTDIR/results"; do
       script=${entry%%:*}; extra=${entry#*:}
+      case "$extra" in *"--pp 2"*) [ "$w" -ge 4 ] || continue ;; esac   # PP2 x EP2 needs 4 ranks
       if [ -f "$script" ] && wanted "$(basename "$script" .py)"; then
         step "$script world size $w"
         timeout 600 python3 "$script" --world-size "$w" --out "$OUTDIR/results" $extra 2>&1 | tee -a "$LOG" | tail -30
@@ -81,7 +83,15 @@ if [ "$MODE" != tests ]; then
 fi
 
 step "pack"
-tar czf "$OUTDIR/results.tar.gz" -C "$OUTDIR" results
+# The device tool returns at most 8 files of 16 MiB: results without traces in one archive,
+# traces in another, cut to rank 0's when all of them do not fit.
+tar czf "$OUTDIR/results.tar.gz" -C "$OUTDIR" --exclude=traces results
+if [ -d "$OUTDIR/results/traces" ]; then
+  tar czf "$OUTDIR/traces.tar.gz" -C "$OUTDIR/results" traces
+  if [ "$(stat -c %s "$OUTDIR/traces.tar.gz")" -gt $((15 * 1024 * 1024)) ]; then
+    (cd "$OUTDIR/results" && tar czf "$OUTDIR/traces.tar.gz" $(find traces -name '*rank0*'))
+  fi
+fi
 ls -la "$OUTDIR" "$OUTDIR/results" | tee -a "$LOG"
 echo "suite status: $status" | tee -a "$LOG"
 exit $status
