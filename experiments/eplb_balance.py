@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from overlap.bench import make_meta, read_results, write_results
+from overlap.bench import make_meta, read_results, save_figure, write_results
 from overlap.eplb import balance_ratio, colocated_replicas, rebalance_experts
 from overlap.eplb.workloads import load_suite
 
@@ -85,10 +85,7 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"EPLB: published policy vs balanced policy ({results['meta'].get('num_layers', '')} layers x "
                  f"{results['meta'].get('num_experts', '')} experts)", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 def main(argv=None) -> None:

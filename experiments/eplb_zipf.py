@@ -109,6 +109,8 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from overlap.bench import save_figure
+
     rows = results["rows"]
     skews = sorted({r["skew"] for r in rows})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -141,10 +143,7 @@ def plot(results: dict, path: str) -> None:
     fig.suptitle(f"EPLB on {m.get('world_size')} x {m.get('device')} ({r0['backend']} backend): {r0['num_tokens']} "
                  f"tokens/rank, hidden {r0['hidden']}, top-{r0['topk']} of {r0['num_experts']}, "
                  f"{r0['num_physical'] - r0['num_experts']} redundant slots", fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path)}")
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from overlap.bench import read_results  # noqa: E402
+from overlap.bench import read_results, save_figure  # noqa: E402
 
 FIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
@@ -60,12 +60,7 @@ def plot(path: str, out_dir: str = FIG_DIR) -> str:
     fig.suptitle(f"{meta.get('device')} x{meta['world_size']}: {r0['num_tokens']} tokens/rank, hidden {r0['hidden']}, "
                  f"top-{r0['topk']}, {r0['num_experts']} experts (commit {str(meta.get('commit'))[:8]})",
                  fontsize=10)
-    fig.tight_layout()
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png"))
 
 
 def main(argv=None):

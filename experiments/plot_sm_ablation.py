@@ -14,6 +14,9 @@ import os
 import sys
 from collections import defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from overlap.bench import save_figure  # noqa: E402
+
 _STYLE = ["C0", "C1", "C2", "C3", "C4", "C5"]
 
 
@@ -64,10 +67,7 @@ def plot_part_a(data, path):
     axes[0].set_ylabel("wire GB/s per GPU")
     axes[0].legend(fontsize=8)
     fig.suptitle(_title(data["meta"], "(a) all-to-all bandwidth alone"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_part_b(data, path):
@@ -97,10 +97,7 @@ def plot_part_b(data, path):
     axes[0][0].set_ylabel("throughput with comm / alone")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(_title(data["meta"], "(b) GEMM while communication runs"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_part_c(data, path):
@@ -126,10 +123,7 @@ def plot_part_c(data, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(_title(data["meta"], "(c) dispatch -> experts -> combine"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_all(data, fig_dir, stem):
@@ -204,7 +198,6 @@ def summary_markdown(data):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from overlap.bench import read_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -85,6 +85,17 @@ def write_results(path: str, meta: dict[str, Any], rows: Iterable[dict[str, Any]
     return path
 
 
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """Lay out a matplotlib figure, write it to ``path`` (creating the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def read_results(path: str) -> dict[str, Any]:
     with open(path) as f:
         data = json.load(f)
