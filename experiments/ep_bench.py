@@ -108,13 +108,11 @@ def _bench_rank(rank, world_size, args):
                 fp8_row_bytes = args.hidden + args.hidden // 128 * 4  # e4m3 values + fp32 scales
                 timed.append(("dispatch", t_fp8, wire_rows, recv_rows, fp8_row_bytes, "fp8"))
             for op, t, wire, logical, nbytes, dtype_name in timed:
+                send_warps, send_chunk = (None, None) if tuning is None else tuning.split(op, fp8=dtype_name == "fp8")
                 time_us = gather_max(t["time_us"])
                 wire_b, logical_b = gather_mean(wire * nbytes), gather_mean(logical * nbytes)
                 rows.append({"op": op, "backend": backend, "num_sms": num_sms, "mode": mode,
-                             "send_warps": (None if tuning is None else
-                                            tuning.fp8_send_warps if dtype_name == "fp8" else tuning.send_warps),
-                             "send_chunk": (None if tuning is None else
-                                            tuning.combine_send_chunk if op == "combine" else tuning.send_chunk),
+                             "send_warps": send_warps, "send_chunk": send_chunk,
                              "copy_unroll": None if tuning is None else tuning.copy_unroll,
                              "dtype": dtype_name, "time_us": time_us,
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,

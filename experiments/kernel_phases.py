@@ -80,12 +80,10 @@ def _phases_rank(rank, world_size, args):
                 s = median_summary(summaries)
                 t = torch.tensor([timed["time_us"], s["total_us"]], dtype=torch.float64, device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                send_warps, send_chunk = backend.tuning.split(kind, fp8=label == "dispatch fp8")
                 rows.append({"variant": name, "env": ",".join(f"{k}={v}" for k, v in env.items()),
-                             "num_sms": num_sms, "op": label,
-                             "send_warps": backend.tuning.fp8_send_warps if label == "dispatch fp8"
-                             else backend.tuning.send_warps,
-                             "send_chunk": backend.tuning.combine_send_chunk if label.startswith("combine")
-                             else backend.tuning.send_chunk, "copy_unroll": backend.tuning.copy_unroll,
+                             "num_sms": num_sms, "op": label, "send_warps": send_warps, "send_chunk": send_chunk,
+                             "copy_unroll": backend.tuning.copy_unroll,
                              "call_us": float(t[0]), "kernel_us_slowest_rank": float(t[1]),
                              **{f"rank{rank}_{k}": v for k, v in s.items()}})
             del buf

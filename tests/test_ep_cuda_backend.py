@@ -128,6 +128,10 @@ def test_kernel_tuning_env(monkeypatch):
         monkeypatch.setenv(name, value)
     assert tuning() == KernelTuning(send_warps=12, fp8_send_warps=3, send_chunk=1, copy_unroll=8, stamps=True,
                                     combine_send_chunk=2)
+    t = tuning()
+    assert t.split("dispatch") == (12, 1) and t.split("dispatch", fp8=True) == (3, 1) and t.split("combine") == (12, 2)
+    with pytest.raises(ValueError, match="op"):
+        t.split("notify")
     for name, bad in (("OVERLAP_CUDA_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_WARPS", "0"),
                       ("OVERLAP_CUDA_FP8_SEND_WARPS", "16"), ("OVERLAP_CUDA_SEND_CHUNK", "33"),
                       ("OVERLAP_CUDA_SEND_CHUNK", "x"), ("OVERLAP_CUDA_COMBINE_SEND_CHUNK", "0"),

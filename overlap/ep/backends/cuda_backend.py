@@ -98,6 +98,14 @@ class KernelTuning:
     stamps: bool = False
     combine_send_chunk: int = 8
 
+    def split(self, op: str, fp8: bool = False) -> tuple[int, int]:
+        """``(send_warps, send_chunk)`` the kernel of ``op`` ("dispatch" or "combine") runs with."""
+        if op == "dispatch":
+            return (self.fp8_send_warps if fp8 else self.send_warps), self.send_chunk
+        if op == "combine":
+            return self.send_warps, self.combine_send_chunk
+        raise ValueError(f"op must be 'dispatch' or 'combine', got {op!r}")
+
     @classmethod
     def from_env(cls, num_warps: int, default_warps: int, max_chunk: int, default_chunk: int,
                  default_fp8_warps: int, default_unroll: int, default_combine_chunk: int = 8) -> "KernelTuning":
@@ -395,13 +403,13 @@ class CudaBackend(EPBackend):
         self._launch("dispatch", torch.ops.overlap.intranode_dispatch, x, idx, weights, slot, matrix, peers,
                      recv_x, recv_idx, recv_w, counts, *self._op_args(self.buffer.num_sms), regions.x_offset,
                      row_stride, regions.meta_offset, regions.dispatch_flags_offset,
-                     self.tuning.fp8_send_warps if recv_scales is not None else self.tuning.send_warps,
-                     self.tuning.send_chunk, recv_scales, self.tuning.copy_unroll, self._stamps_ptr("dispatch"))
+                     *self.tuning.split("dispatch", fp8=recv_scales is not None), recv_scales,
+                     self.tuning.copy_unroll, self._stamps_ptr("dispatch"))
 
     def _launch_combine(self, y, slot, matrix, peers, out, regions, row_stride) -> None:
         self._launch("combine", torch.ops.overlap.intranode_combine, y, slot, matrix, peers, out,
                      *self._op_args(self.buffer.num_sms), regions.combine_offset, row_stride,
-                     regions.combine_flags_offset, self.tuning.send_warps, self.tuning.combine_send_chunk,
+                     regions.combine_flags_offset, *self.tuning.split("combine"),
                      self.tuning.copy_unroll, self._stamps_ptr("combine"))
 
     # ------------------------------------------------------------------------------------ combine
