@@ -57,6 +57,19 @@ ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& pee
   return c;
 }
 
+// The per-row routing metadata the dispatch hook writes and the combine send reads: [R, K]
+// positions and local experts (int32) and weights (fp32), and the [num_ranks] rows per source.
+void check_row_metadata(const at::Tensor& row_pos, const at::Tensor& row_expert, const at::Tensor& row_weight,
+                        const at::Tensor& src_counts, int64_t R, int64_t K, int64_t num_ranks, const at::Device& device) {
+  for (const auto* t : {&row_pos, &row_expert}) check_tensor(*t, "row_pos/row_expert", at::kInt, 2, device);
+  check_tensor(row_weight, "row_weight", at::kFloat, 2, device);
+  for (const auto* t : {&row_pos, &row_expert, &row_weight}) {
+    TORCH_CHECK(t->size(0) == R && t->size(1) == K, "row metadata must be [", R, ", ", K, "]");
+  }
+  check_tensor(src_counts, "src_counts", at::kInt, 1, device);
+  TORCH_CHECK(src_counts.size(0) == num_ranks, "src_counts must have num_ranks entries");
+}
+
 void check_launch(int status, const char* op) {
   TORCH_CHECK(status != overlap::kBadArgument, op, ": arguments the kernel does not support (see ll.cuh)");
   TORCH_CHECK(status == overlap::kOk, op, ": kernel launch failed: ", overlap::intranode::last_launch_error());
@@ -114,13 +127,7 @@ void ll_dispatch_recv(const at::Tensor& peer_bases, const at::Tensor& recv_x, co
   }
   check_tensor(counts, "counts", at::kInt, 1, device);
   TORCH_CHECK(counts.size(0) == L, "counts must have ", L, " entries");
-  for (const auto* t : {&row_pos, &row_expert}) check_tensor(*t, "row_pos/row_expert", at::kInt, 2, device);
-  check_tensor(row_weight, "row_weight", at::kFloat, 2, device);
-  for (const auto* t : {&row_pos, &row_expert, &row_weight}) {
-    TORCH_CHECK(t->size(0) == R && t->size(1) == K, "row metadata must be [", R, ", ", K, "]");
-  }
-  check_tensor(src_counts, "src_counts", at::kInt, 1, device);
-  TORCH_CHECK(src_counts.size(0) == p.c.num_ranks, "src_counts must have num_ranks entries");
+  check_row_metadata(row_pos, row_expert, row_weight, src_counts, R, K, p.c.num_ranks, device);
   p.wait_flags = wait_flags != 0;
   p.header_bytes = static_cast<int>(header_bytes);
   p.recv_x = recv_x.data_ptr();
@@ -144,13 +151,7 @@ void ll_combine_send(const at::Tensor& y, const at::Tensor& row_pos, const at::T
   check_tensor(y, "y", at::kBFloat16, 3, device);
   TORCH_CHECK(y.size(0) == L && y.size(1) == R && y.size(2) == H, "y must be [", L, ", ", R, ", ", H, "], got ",
               y.sizes());
-  for (const auto* t : {&row_pos, &row_expert}) check_tensor(*t, "row_pos/row_expert", at::kInt, 2, device);
-  check_tensor(row_weight, "row_weight", at::kFloat, 2, device);
-  for (const auto* t : {&row_pos, &row_expert, &row_weight}) {
-    TORCH_CHECK(t->size(0) == R && t->size(1) == K, "row metadata must be [", R, ", ", K, "]");
-  }
-  check_tensor(src_counts, "src_counts", at::kInt, 1, device);
-  TORCH_CHECK(src_counts.size(0) == p.c.num_ranks, "src_counts must have num_ranks entries");
+  check_row_metadata(row_pos, row_expert, row_weight, src_counts, R, K, p.c.num_ranks, device);
   p.y = y.data_ptr();
   p.row_pos = row_pos.data_ptr<int>();
   p.row_expert = row_expert.data_ptr<int>();
