@@ -26,6 +26,9 @@ class DispatchHandle:
             slot's expert is elsewhere) and their weights (0 there).
         backend_state: whatever the backend needs beyond this (opaque to callers).
         num_worst_tokens: the dispatch's worst-case budget, or None for exact-size outputs.
+        recv_rank_counts: ``[W]`` integer tensor on the dispatch's device, rows received from
+            each rank; valid once the dispatch's event has been waited for. Unlike
+            ``recv_counts`` it never costs a host sync, so budget-mode callers read it.
     """
 
     buffer_id: int
@@ -37,6 +40,7 @@ class DispatchHandle:
     recv_topk_weights: torch.Tensor
     backend_state: Any = None
     num_worst_tokens: Optional[int] = None
+    recv_rank_counts: Optional[torch.Tensor] = None
     _expert_positions: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     @property

@@ -13,8 +13,9 @@ side stream end up serialised with compute. In budget mode (``num_worst_tokens``
   GEMMs skip them, and their outputs and gradients go to a discarded row;
 - routing-weight gradients return in one equal-split ``all_to_all_single`` of a
   ``[world_size * rows_per_peer, topk]`` fp32 buffer (:func:`pack_weight_grads` /
-  :func:`unpack_weight_grads`), placed by per-source row counts that the forward dispatch
-  exchanged on the device (:func:`exchange_rank_counts`).
+  :func:`unpack_weight_grads`), placed by the per-source row counts the forward dispatch's
+  handle holds on the device (``DispatchHandle.recv_rank_counts``: for ``cuda``/``triton`` a
+  column of the count matrix their notify kernel exchanged anyway, so no extra transfer).
 
 Results equal exact mode's (padding never reaches a sum). No host sync remains with a kernel
 backend (``cuda``, ``triton``), ``validate_values=False`` on the buffer, and bf16 grouped
@@ -43,7 +44,6 @@ results are never silently wrong).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from overlap.ep import EPBuffer
 from overlap.ep.layout import RoutingLayout
@@ -86,16 +86,6 @@ def rows_per_peer(buffer: EPBuffer, num_worst_tokens: int) -> int:
     return min(buffer.max_tokens_per_rank, num_worst_tokens)
 
 
-def exchange_rank_counts(layout: RoutingLayout, group) -> tuple[torch.Tensor, object]:
-    """Start the exchange of per-rank row counts: ``(recv [W] int64, work)``; after
-    ``work.wait()``, ``recv[s]`` is the rows this rank receives from rank s. Equal splits: no
-    count is read on the host."""
-    send = layout.num_tokens_per_rank.to(torch.int64)
-    recv = torch.empty_like(send)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=True)
-    return recv, work
-
-
 def pack_weight_grads(grad_recv_w: torch.Tensor, recv_rank_counts: torch.Tensor, per_peer: int) -> torch.Tensor:
     """``[W * per_peer, k]`` fp32: chunk s holds the routing-weight gradients of the rows
     received from rank s, in received order, zeros after them.
@@ -130,5 +120,5 @@ def unpack_weight_grads(back: torch.Tensor, layout: RoutingLayout, per_peer: int
     return torch.where(sent.unsqueeze(2), rows, torch.zeros_like(rows)).sum(1)
 
 
-__all__ = ["worst_case_tokens", "safe_expert_capacity", "check_budget", "rows_per_peer", "exchange_rank_counts",
-           "pack_weight_grads", "unpack_weight_grads"]
+__all__ = ["worst_case_tokens", "safe_expert_capacity", "check_budget", "rows_per_peer", "pack_weight_grads",
+           "unpack_weight_grads"]

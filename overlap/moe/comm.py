@@ -21,9 +21,9 @@ records; a backend that keeps those counts on the device only gets them folded i
 token-gradient combine instead (exact, but a second hidden-sized transfer).
 
 Budget mode (``EPComm(..., num_worst_tokens=N)``, see :mod:`overlap.moe.budget`): every
-dispatch has ``N`` rows and the host never reads a count; the forward dispatch also exchanges
-per-rank row counts on the device, and the routing-weight gradients return in an equal-split
-``all_to_all_single`` placed by them.
+dispatch has ``N`` rows and the host never reads a count; the routing-weight gradients return
+in an equal-split ``all_to_all_single`` placed by the per-source row counts the dispatch handle
+holds on the device (``DispatchHandle.recv_rank_counts``).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ import torch.distributed as dist
 
 from overlap.ep import EPBuffer
 from overlap.ep.layout import gather_reduce
-from overlap.moe.budget import (check_budget, exchange_rank_counts, pack_weight_grads, rows_per_peer,
-                                safe_expert_capacity, unpack_weight_grads)
+from overlap.moe.budget import (check_budget, pack_weight_grads, rows_per_peer, safe_expert_capacity,
+                                unpack_weight_grads)
 
 
 class Pending:
@@ -176,22 +176,20 @@ class EPComm:
     def _dispatch_forward_budget(self, x, topk_idx, topk_weights) -> Pending:
         buf, budget = self.buffer, self.num_worst_tokens
 
-        def issue():
-            out = buf.dispatch_async(x, topk_idx, topk_weights, num_worst_tokens=budget)
-            # The backward places routing-weight gradients by source rank: exchange the
-            # per-rank counts now, on the device, while the dispatch is in flight.
-            return out, *exchange_rank_counts(out[4].layout, buf.group)
-
-        (out, rank_counts, work), compute = self._start((x, topk_idx, topk_weights), issue)
-        recv_x, recv_idx, recv_w, counts, handle, event = out
+        issued, compute = self._start((x, topk_idx, topk_weights),
+                                      lambda: buf.dispatch_async(x, topk_idx, topk_weights, num_worst_tokens=budget))
+        recv_x, recv_idx, recv_w, counts, handle, event = issued
         capacity = self.expert_capacity
         if capacity is None:
             capacity = safe_expert_capacity(budget, topk_idx.shape[1], buf.num_local_experts)
 
         def result() -> Dispatched:
+            # The backward places routing-weight gradients by source rank, with the per-source
+            # row counts the dispatch already holds on the device (no exchange of its own).
+            rank_counts = handle.recv_rank_counts.to(torch.int64)
             return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights,
                               num_worst_tokens=budget, expert_capacity=capacity, recv_rank_counts=rank_counts)
-        return self._pending(compute, [event, work], result)
+        return self._pending(compute, [event], result)
 
     def combine_forward(self, y: torch.Tensor, d: Dispatched) -> Pending:
         """Per received row weighted expert sums ``y [R, H]`` back to their tokens: ``[T, H]``."""

@@ -37,6 +37,9 @@ def _check_budgeted(tag, got, ref, budget, ref_combine, got_combine, world_size)
                        ("recv_topk_weights", w[:n], ref[2]), ("counts", counts, ref[3])):
         if not torch.equal(g, r):
             fails.append(f"{tag} {name} differs from the exact-size dispatch")
+    rank_counts = None if handle.recv_rank_counts is None else handle.recv_rank_counts.tolist()
+    if rank_counts != ref[4].recv_counts:
+        fails.append(f"{tag} handle.recv_rank_counts {rank_counts} != rows received per rank {ref[4].recv_counts}")
     if not bool((idx[n:] == -1).all()) or not bool((w[n:] == 0).all()):
         fails.append(f"{tag} padding rows past the {n} received ones are not ids -1 / weights 0")
     return fails + _compare_combine(f"{tag} budgeted dispatch:", got_combine, ref_combine, world_size)

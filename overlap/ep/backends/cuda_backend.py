@@ -395,7 +395,8 @@ class CudaBackend(EPBackend):
         handle = DispatchHandle(buffer_id=id(buf), num_tokens=num_tokens, layout=layout, num_recv_tokens=num_recv,
                                 recv_counts=recv_counts, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
                                 backend_state={"count_matrix": matrix, "token_slot": slot},
-                                num_worst_tokens=num_worst_tokens)
+                                num_worst_tokens=num_worst_tokens,
+                                recv_rank_counts=matrix[:, buf.rank])  # column r: rows each source sends r
         return recv_x, recv_scales, recv_idx, recv_w, counts, handle, event
 
     def _launch_dispatch(self, x, idx, weights, slot, matrix, peers, recv_x, recv_idx, recv_w, counts, regions,

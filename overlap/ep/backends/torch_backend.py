@@ -23,10 +23,10 @@ class TorchBackend(EPBackend):
         return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.buffer.group,
                                       async_op=async_op)
 
-    def _exchange_counts(self, send_counts: torch.Tensor) -> list[int]:
+    def _exchange_counts(self, send_counts: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         recv = torch.empty_like(send_counts)
         dist.all_to_all_single(recv, send_counts, group=self.buffer.group)
-        return recv.tolist()
+        return recv, recv.tolist()
 
     def _check_budget(self, num_recv: int, num_worst_tokens: int) -> None:
         # Collective, so that every rank raises together instead of peers hanging in the next
@@ -43,7 +43,7 @@ class TorchBackend(EPBackend):
         buf = self.buffer
         send_counts_t = layout.num_tokens_per_rank.to(torch.int64)
         send_counts = send_counts_t.tolist()
-        recv_counts = self._exchange_counts(send_counts_t)
+        recv_counts_t, recv_counts = self._exchange_counts(send_counts_t)
         num_send, num_recv = sum(send_counts), sum(recv_counts)
         if num_worst_tokens is not None:
             self._check_budget(num_recv, num_worst_tokens)
@@ -78,7 +78,8 @@ class TorchBackend(EPBackend):
         handle = DispatchHandle(buffer_id=id(buf), num_tokens=x.shape[0], layout=layout,
                                 num_recv_tokens=num_rows, recv_counts=recv_counts,
                                 recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
-                                backend_state={"send_counts": send_counts}, num_worst_tokens=num_worst_tokens)
+                                backend_state={"send_counts": send_counts}, num_worst_tokens=num_worst_tokens,
+                                recv_rank_counts=recv_counts_t)
         if async_op:
             event = EPEvent(works, finalize)
         else:
