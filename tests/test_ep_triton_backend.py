@@ -99,8 +99,25 @@ def test_capture_rules_are_the_cuda_backends():
     assert TritonBackend.graph_capturable
 
 
+def test_signal_offsets_are_the_cuda_kernels():
+    """Both backends use one buffer: every signal word the Triton kernels touch sits where
+    csrc/kernels/intranode.cuh puts it."""
+    import pathlib
+    import re
+
+    from overlap.triton_kernels import ep_intranode as k
+
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc/kernels/intranode.cuh").read_text()
+    cuda = {name: int(value) for name, value in re.findall(r"constexpr int64_t (k\w+Offset) = (\d+);", header)}
+    pairs = {"READY_OFFSET": "kReadyOffset", "DONE_OFFSET": "kDoneOffset", "ERROR_OFFSET": "kErrorOffset",
+             "OP_COUNT_OFFSET": "kOpCountOffset", "FINISHED_OFFSET": "kFinishedOffset",
+             "SEND_WORK_OFFSET": "kWorkOffset", "RECV_WORK_OFFSET": "kRecvWorkOffset"}
+    for ours, theirs in pairs.items():
+        assert getattr(k, ours).value == cuda[theirs], (ours, theirs)
+
+
 # ---------------------------------------------------------------------------------------------- CPU: fake ranks
-_OP_COUNT, _FINISHED, _ERROR = 1088, 1152, 1024
+_OP_COUNT, _FINISHED, _ERROR, _SEND_WORK, _RECV_WORK = 1088, 1152, 1024, 1216, 1220
 
 
 class _FakeRanks:
@@ -255,6 +272,8 @@ def test_interpreted_dispatch_combine_one_rank(tile, num_blocks, fraction, monke
             assert torch.equal(out, expected), tag
         assert _ops_done(fake, 0) == (44, 0)            # op_count: the last finished operation
         assert fake.word(0, 0).item() == 44 * 4 + 2     # ready[0]: the last operation was a combine
+        # Both work counters are back at 0 for the next operation.
+        assert fake.word(0, _SEND_WORK, torch.int32).item() == 0 and fake.word(0, _RECV_WORK, torch.int32).item() == 0
 
 
 @needs_interpreter

@@ -11,10 +11,14 @@ per-row arrival flags:
    waits until every ready[r] reached ``seq * 4`` (a peer may be one operation ahead; the same
    number with another kind is a mismatch). A rank starts operation ``seq`` only once its
    operation ``seq - 1`` has finished reading its regions, so nobody writes into them early.
-3. Programs are senders or receivers (Triton has no warp specialisation to rely on): the first
-   ``num_send`` programs send, the others receive; with ``num_send == num_programs`` (e.g. a
-   grid of one) every program sends its share, then receives its share. Senders sit at the
-   lowest program ids, which the GPU schedules first and the CPU interpreter runs first.
+3. Work is claimed, not assigned (Triton has no warp specialisation to rely on): the first
+   ``num_send`` programs send, claiming tiles one at a time from a counter in the local signal
+   area, then join the others, which receive (dispatch) or reduce (combine), claiming their
+   tiles from a second counter; the last program to finish resets both. A fixed round-robin
+   split left the slowest program holding up the operation (the CUDA kernels measured the same),
+   and a sender with nothing left to send now receives instead of idling. Senders sit at the
+   lowest program ids, which the GPU schedules first and the CPU interpreter runs first (there,
+   program 0 thus claims every tile).
    Senders: a tile of rows is loaded whole, then stored straight into every destination's
    region (a rank's own rows skip it: dispatch writes them into the outputs, combine reads them
    from y); after the tile, a CTA barrier and one system-scope release store of ``seq`` per
@@ -49,6 +53,8 @@ DONE_OFFSET = tl.constexpr(512)     # int64 done[MAX_RANKS]: part of the shared 
 ERROR_OFFSET = tl.constexpr(1024)   # int32 sticky error word (local only)
 OP_COUNT_OFFSET = tl.constexpr(1088)  # int64 last finished operation's sequence number (local only)
 FINISHED_OFFSET = tl.constexpr(1152)  # int32 programs of the running operation that finished (local only)
+SEND_WORK_OFFSET = tl.constexpr(1216)  # int32 send tiles claimed so far in the running operation (local only)
+RECV_WORK_OFFSET = tl.constexpr(1220)  # int32 receive (dispatch) / reduce (combine) tiles claimed (local only)
 MAX_RANKS = tl.constexpr(32)        # slots of ready[] (the kernels' rank vectors have BLOCK_W <= 32 lanes)
 
 KIND_DISPATCH, KIND_COMBINE = tl.constexpr(1), tl.constexpr(2)
@@ -175,8 +181,16 @@ def _end_operation(my_base, seq):
     last = tl.atomic_add(finished, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1
     if last:
         tl.store(finished, 0)
+        tl.store(_ptr(my_base + SEND_WORK_OFFSET, tl.int32), 0)  # every program is past its last claim
+        tl.store(_ptr(my_base + RECV_WORK_OFFSET, tl.int32), 0)
         tl.store(_ptr(my_base + OP_COUNT_OFFSET, tl.int64), seq)
     return last
+
+
+@triton.jit
+def _claim(my_base, counter_offset):
+    """The next tile of this operation's work counter at ``counter_offset`` (one atomic per program)."""
+    return tl.atomic_add(_ptr(my_base + counter_offset, tl.int32), 1, sem="relaxed", scope="gpu").to(tl.int64)
 
 
 @triton.jit
@@ -201,16 +215,6 @@ def _peer_tile(w, r, rank, W, recv_from, recv_start, BLOCK: tl.constexpr):
     start = _pick(recv_start, r, s)
     q = (w // (W - 1)) * BLOCK + tl.arange(0, BLOCK)
     return s, start, start + q, q < _pick(recv_from, r, s)
-
-
-@triton.jit
-def _roles(num_send):
-    """(sender index, senders, receiver index, receivers) of this program; -1: not that role."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    first_receiver = tl.where(num_send < nprog, num_send, 0)  # all send: all receive too
-    return (tl.where(pid < num_send, pid, -1), num_send,
-            tl.where(pid >= first_receiver, pid - first_receiver, -1), nprog - first_receiver)
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -279,13 +283,13 @@ def _dispatch_send_meta(topk_idx_ptr, topk_w_ptr, slot_ptr, recv_idx_ptr, recv_w
 @triton.jit
 def _dispatch_send(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr,
                    recv_scales_ptr, r, rmask, bases, send_row, own_start, rank, W, seq, num_tokens, hidden, topk,
-                   num_local_experts, x_offset, row_stride, meta_offset, flag_offset, num_out_rows, index, count,
+                   num_local_experts, x_offset, row_stride, meta_offset, flag_offset, num_out_rows, my_base,
                    FP8: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Token tiles ``index``, ``index + count``, ...: each row read once, stored to every rank
-    that hosts one of its experts (this rank's own rows straight into the outputs), then the
-    peers' arrival flags of the tile raised together."""
+    """Token tiles, claimed one at a time: each row read once, stored to every rank that hosts
+    one of its experts (this rank's own rows straight into the outputs), then the peers' arrival
+    flags of the tile raised together."""
     out_ty: tl.constexpr = tl.float8e4nv if FP8 else x_ptr.dtype.element_ty
-    tile = index
+    tile = _claim(my_base, SEND_WORK_OFFSET)
     while tile < tl.cdiv(num_tokens, BLOCK_T):
         t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         tmask = t < num_tokens
@@ -324,22 +328,22 @@ def _dispatch_send(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, recv_x_ptr, recv_i
         slots = tl.load(slot_ptr + t[:, None] * W + r[None, :], mask=tmask[:, None] & rmask[None, :], other=-1)
         to_peer = (slots >= 0) & (r != rank)[None, :]
         _raise_flags(bases[None, :] + flag_offset + (send_row[None, :] + slots) * 8, to_peer, seq)
-        tile += count
+        tile = _claim(my_base, SEND_WORK_OFFSET)
 
 
 @triton.jit
 def _dispatch_receive(recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr, recv_scales_ptr, r, my_base, rank, W, seq,
                       timeout_ns, status_addr, recv_from, recv_start, most, hidden, topk, x_offset, row_stride,
-                      meta_offset, flag_offset, num_out_rows, index, count,
+                      meta_offset, flag_offset, num_out_rows,
                       FP8: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_S: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
-    """Peers' rows, a tile at a time as their flags come up, from the local region (already in
-    receive order) into the outputs; a timeout is recorded and ends the loop."""
+    """Peers' rows, a claimed tile at a time as their flags come up, from the local region
+    (already in receive order) into the outputs; a timeout is recorded and ends the loop."""
     out_ty: tl.constexpr = tl.float8e4nv if FP8 else recv_x_ptr.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
     kmask = kk < topk
-    ok = index >= 0
-    w = index
+    ok = tl.full([], 1, tl.int1)
+    w = _claim(my_base, RECV_WORK_OFFSET)
     while (w < (W - 1) * tl.cdiv(most, BLOCK_T)) & ok:
         s, _, i, imask = _peer_tile(w, r, rank, W, recv_from, recv_start, BLOCK_T)
         imask = imask & (i < num_out_rows)  # past the budget: dropped (and reported)
@@ -369,7 +373,7 @@ def _dispatch_receive(recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr, recv_sca
             local = (pair & 0xFFFFFFFF).to(tl.int32)
             weight = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
             _write_meta(recv_idx_ptr, recv_w_ptr, counts_ptr, i, kk, topk, mm, local, weight)
-        w += count
+            w = _claim(my_base, RECV_WORK_OFFSET)
 
 
 @triton.jit(do_not_specialize=["rank", "W", "num_tokens", "timeout_ns", "status_addr", "num_out_rows", "num_send"])
@@ -380,8 +384,8 @@ def ep_dispatch_kernel(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, matrix_ptr, pe
                        x_offset, row_stride, meta_offset, flag_offset, num_out_rows, num_send,
                        FP8: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
-    """One dispatch (see the module docstring); grid = (num_sms,); programs [0, num_send) send.
-    Per-rank vectors have BLOCK_W >= W lanes (small: a tile's flags are one per thread)."""
+    """One dispatch (see the module docstring); grid = (num_sms,); programs [0, num_send) send
+    first, then every program receives. Per-rank vectors have BLOCK_W >= W lanes (small: a tile's flags are one per thread)."""
     ok, seq, r, rmask, bases, my_base = _begin_operation(peers_ptr, rank, W, KIND_DISPATCH, timeout_ns, status_addr,
                                                          BLOCK_W, USE_GLOBALTIMER)
     started = ok
@@ -391,18 +395,16 @@ def ep_dispatch_kernel(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, matrix_ptr, pe
     counts_sd = tl.load(matrix_ptr + s2 * W + r[None, :], mask=(s2 < rank) & rmask[None, :], other=0)
     send_row = tl.sum(counts_sd, axis=0).to(tl.int64)  # [BLOCK_W], by destination
     own_start = _pick(recv_start, r, rank)
-    send_index, senders, recv_index, receivers = _roles(num_send)
     if ok:
-        if send_index >= 0:
+        if tl.program_id(0) < num_send:
             _dispatch_send(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, recv_x_ptr, recv_idx_ptr, recv_w_ptr,
                            counts_ptr, recv_scales_ptr, r, rmask, bases, send_row, own_start, rank, W, seq,
                            num_tokens, hidden, topk, num_local_experts, x_offset, row_stride, meta_offset,
-                           flag_offset, num_out_rows, send_index, senders, FP8, BLOCK_T, BLOCK_H, BLOCK_K)
-        if recv_index >= 0:
-            _dispatch_receive(recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr, recv_scales_ptr, r, my_base, rank,
-                              W, seq, timeout_ns, status_addr, recv_from, recv_start, most, hidden, topk, x_offset,
-                              row_stride, meta_offset, flag_offset, num_out_rows, recv_index, receivers,
-                              FP8, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_S, USE_GLOBALTIMER)
+                           flag_offset, num_out_rows, my_base, FP8, BLOCK_T, BLOCK_H, BLOCK_K)
+        _dispatch_receive(recv_x_ptr, recv_idx_ptr, recv_w_ptr, counts_ptr, recv_scales_ptr, r, my_base, rank,
+                          W, seq, timeout_ns, status_addr, recv_from, recv_start, most, hidden, topk, x_offset,
+                          row_stride, meta_offset, flag_offset, num_out_rows,
+                          FP8, BLOCK_T, BLOCK_H, BLOCK_K, BLOCK_S, USE_GLOBALTIMER)
     if started:
         # More rows than the caller's budget: the ones that fit were delivered; report it once
         # every program is done (a failure recorded earlier would stop programs yet to start).
@@ -413,13 +415,13 @@ def ep_dispatch_kernel(x_ptr, topk_idx_ptr, topk_w_ptr, slot_ptr, matrix_ptr, pe
 
 # ---------------------------------------------------------------------------------------------- combine
 @triton.jit
-def _combine_send(y_ptr, r, bases, rank, W, max_tokens, seq, recv_from, recv_start, most, hidden,
-                  region_offset, row_stride, flag_offset, index, count,
-                  BLOCK_TS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_send(y_ptr, r, bases, my_base, rank, W, max_tokens, seq, recv_from, recv_start, most, hidden,
+                  region_offset, row_stride, flag_offset, BLOCK_TS: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rows received from peers go back, once each, to row (this rank, slot) of their source's
-    combine region, a tile at a time (source-interleaved), each tile's flags raised together."""
+    combine region, a claimed tile at a time (source-interleaved), each tile's flags raised
+    together."""
     dtype: tl.constexpr = y_ptr.dtype.element_ty
-    w = index
+    w = _claim(my_base, SEND_WORK_OFFSET)
     while w < (W - 1) * tl.cdiv(most, BLOCK_TS):
         s, start, i, imask = _peer_tile(w, r, rank, W, recv_from, recv_start, BLOCK_TS)
         row = rank * max_tokens + (i - start)
@@ -433,7 +435,7 @@ def _combine_send(y_ptr, r, bases, rank, W, max_tokens, seq, recv_from, recv_sta
             tl.store(dst[:, None] + cols[None, :], v, mask=m)
             hb += 1
         _raise_flags(base + flag_offset + row * 8, imask, seq)
-        w += count
+        w = _claim(my_base, SEND_WORK_OFFSET)
 
 
 @triton.jit
@@ -451,14 +453,14 @@ def _rank_rows(y_ptr, my_base, d, rank, slot, own_start, max_tokens, hidden, reg
 
 @triton.jit
 def _combine_reduce(y_ptr, slot_ptr, out_ptr, r, rmask, my_base, rank, W, max_tokens, seq, timeout_ns, status_addr,
-                    own_start, num_tokens, hidden, region_offset, row_stride, flag_offset, index, count,
+                    own_start, num_tokens, hidden, region_offset, row_stride, flag_offset,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
-    """Token tiles ``index``, ``index + count``, ...: once the tile's rows from peers arrived,
-    sum each token's rows (its own rank's straight from y) in fp32, in ascending rank order,
-    two ranks' rows in flight per step; a timeout is recorded and ends the loop."""
+    """Token tiles, claimed one at a time: once the tile's rows from peers arrived, sum each
+    token's rows (its own rank's straight from y) in fp32, in ascending rank order, two ranks'
+    rows in flight per step; a timeout is recorded and ends the loop."""
     dtype: tl.constexpr = y_ptr.dtype.element_ty
-    ok = index >= 0
-    tile = index
+    ok = tl.full([], 1, tl.int1)
+    tile = _claim(my_base, RECV_WORK_OFFSET)
     while (tile < tl.cdiv(num_tokens, BLOCK_T)) & ok:
         t = (tile * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
         tmask = t < num_tokens
@@ -492,7 +494,7 @@ def _combine_reduce(y_ptr, slot_ptr, out_ptr, r, rmask, my_base, rank, W, max_to
                     d += 2
                 tl.store(out_ptr + t[:, None] * hidden + cols[None, :], acc.to(dtype), mask=tmask[:, None] & cmask)
                 hb += 1
-        tile += count
+            tile = _claim(my_base, RECV_WORK_OFFSET)
 
 
 @triton.jit(do_not_specialize=["rank", "W", "num_tokens", "timeout_ns", "status_addr", "num_send"])
@@ -501,21 +503,20 @@ def ep_combine_kernel(y_ptr, slot_ptr, matrix_ptr, peers_ptr, out_ptr,
                       num_tokens, hidden, region_offset, row_stride, flag_offset, num_send,
                       BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_TS: tl.constexpr,
                       BLOCK_W: tl.constexpr, USE_GLOBALTIMER: tl.constexpr):
-    """One combine (see the module docstring); grid = (num_sms,); programs [0, num_send) send.
+    """One combine (see the module docstring); grid = (num_sms,); programs [0, num_send) send
+    first, then every program reduces.
     The reduce moves tiles of BLOCK_T rows (two ranks' tiles in flight plus fp32 accumulators),
     the send-back BLOCK_TS rows; per-rank vectors have BLOCK_W >= W lanes."""
     ok, seq, r, rmask, bases, my_base = _begin_operation(peers_ptr, rank, W, KIND_COMBINE, timeout_ns, status_addr,
                                                          BLOCK_W, USE_GLOBALTIMER)
     started = ok
     recv_from, recv_start, most = _receive_counts(matrix_ptr, r, rmask, rank, W)
-    send_index, senders, recv_index, receivers = _roles(num_send)
     if ok:
-        if send_index >= 0:
-            _combine_send(y_ptr, r, bases, rank, W, max_tokens, seq, recv_from, recv_start, most, hidden,
-                          region_offset, row_stride, flag_offset, send_index, senders, BLOCK_TS, BLOCK_H)
-        if recv_index >= 0:
-            _combine_reduce(y_ptr, slot_ptr, out_ptr, r, rmask, my_base, rank, W, max_tokens, seq, timeout_ns,
-                            status_addr, _pick(recv_start, r, rank), num_tokens, hidden, region_offset, row_stride,
-                            flag_offset, recv_index, receivers, BLOCK_T, BLOCK_H, USE_GLOBALTIMER)
+        if tl.program_id(0) < num_send:
+            _combine_send(y_ptr, r, bases, my_base, rank, W, max_tokens, seq, recv_from, recv_start, most, hidden,
+                          region_offset, row_stride, flag_offset, BLOCK_TS, BLOCK_H)
+        _combine_reduce(y_ptr, slot_ptr, out_ptr, r, rmask, my_base, rank, W, max_tokens, seq, timeout_ns,
+                        status_addr, _pick(recv_start, r, rank), num_tokens, hidden, region_offset, row_stride,
+                        flag_offset, BLOCK_T, BLOCK_H, USE_GLOBALTIMER)
     if started:
         _end_operation(my_base, seq)

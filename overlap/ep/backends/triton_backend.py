@@ -13,8 +13,11 @@ timeout raises a RuntimeError, exactly as for the CUDA backend. Like it, a dispa
 Tuning knobs (environment, read at every launch):
 
 - ``OVERLAP_TRITON_SEND_FRACTION`` (default 0.5): the fraction of the programs that send (the
-  first ``ceil(fraction * num_sms)``, at least one); the others receive. At 1 (and always on a
-  grid of one program) every program sends its share, then receives its share.
+  first ``ceil(fraction * num_sms)``, at least one); the others start receiving (dispatch) or
+  reducing (combine) at once. Tiles are claimed from per-operation counters, not assigned, and
+  a sender with nothing left to send joins the receivers, so the fraction sets only how many
+  programs start on each side. At 1 (and always on a grid of one program) every program sends,
+  then receives.
 - ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536): bytes of a tile of ``BLOCK_T`` rows x
   ``BLOCK_H`` columns, loaded whole before it is stored, i.e. the bytes each program keeps in
   flight. The combine's reduce loads two ranks' tiles of half that at once (plus fp32
@@ -68,9 +71,8 @@ def combine_tiles(hidden: int, element_size: int) -> tuple[int, int, int]:
 
 
 def send_programs(num_programs: int) -> int:
-    """How many of ``num_programs`` programs send (the first ones; the others receive):
-    ``ceil(OVERLAP_TRITON_SEND_FRACTION * num_programs)``, at least 1. Equal to
-    ``num_programs`` (fraction 1, or a grid of one): every program sends, then receives."""
+    """How many of ``num_programs`` programs send first (the first ones; every program then
+    receives): ``ceil(OVERLAP_TRITON_SEND_FRACTION * num_programs)``, at least 1."""
     if num_programs < 1:
         raise ValueError(f"num_programs={num_programs} must be >= 1")
     fraction = env_number(SEND_FRACTION_ENV, DEFAULT_SEND_FRACTION, float, lambda v: 0 < v <= 1,
