@@ -56,7 +56,8 @@ def test_expert_major_positions():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,W,k", [(4096, 256, 2, 8), (4096, 256, 4, 8), (4096, 256, 8, 8), (0, 16, 4, 2),
-                                     (1, 8, 8, 1), (5000, 64, 4, 6), (300, 4096, 64, 8)])
+                                     (1, 8, 8, 1), (5000, 64, 4, 6), (300, 4096, 64, 8),
+                                     (2049, 80, 40, 9), (1023, 32, 32, 3)])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
 def test_cuda_and_triton_layout_match_reference(T, E, W, k, idx_dtype):
     from overlap.ep.cuda_ops import cuda_routing_layout
