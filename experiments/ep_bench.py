@@ -92,7 +92,8 @@ def _bench_rank(rank, world_size, args):
                 # otherwise eager calls, each started together on every rank by the barrier.
                 if mode == "graph":
                     barrier()
-                    return time_graph_replay(fn, warmup=args.warmup, iters=max(5, args.iters // 3))
+                    return time_graph_replay(fn, warmup=args.warmup, iters=max(5, args.iters // 3),
+                                             profile_replays=args.profile_replays)
                 return time_fn(fn, warmup=args.warmup, iters=args.iters, barrier=barrier)
 
             if mode == "graph" and not getattr(buf._backend, "graph_capturable", backend == "cuda"):
@@ -118,6 +119,8 @@ def _bench_rank(rank, world_size, args):
                              "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                              "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b,
                              "min_us": gather_max(t["min_us"]), "iters": args.iters})
+                if "device_us_by_name" in t:   # --profile-replays (graph mode): rank 0's kernels per call
+                    rows[-1]["device_us_by_name_rank0"] = t["device_us_by_name"]
             del buf
 
     # The raw collective on exactly the dispatch's x bytes and splits: the yardstick.
@@ -169,6 +172,9 @@ def main(argv=None):
     p.add_argument("--modes", nargs="*", choices=["exact", "budget", "graph"], default=["exact", "budget", "graph"],
                    help="kernel backends: exact (outputs sized by a host sync), budget (num_worst_tokens, eager "
                         "calls), graph (num_worst_tokens, timed as CUDA-graph replays: the GPU's own time)")
+    p.add_argument("--profile-replays", type=int, default=0,
+                   help="graph mode: profile this many more replays per case and record rank 0's device time per "
+                        "kernel (device_us_by_name_rank0); 0: off")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--out", default=RESULTS_DIR, help="directory for the results JSON")

@@ -24,3 +24,24 @@ def test_temporary_env_sets_and_restores(monkeypatch):
         pass
     assert os.environ["OVERLAP_TEST_SET"] == "old"
     assert "OVERLAP_TEST_UNSET" not in os.environ
+
+
+def test_device_time_by_name_sums_device_records_per_replay():
+    from types import SimpleNamespace
+
+    import torch
+
+    from overlap.bench.timing import device_time_by_name
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(name, us, kind=cuda):
+        return SimpleNamespace(name=name, device_time_total=us, device_type=kind)
+
+    prof = SimpleNamespace(events=lambda: [
+        evt("void overlap::ll::(anonymous namespace)::pack_kernel<int>(P)", 10.0),
+        evt("Memcpy PtoP (Device -> Device)", 30.0), evt("Memcpy PtoP (Device -> Device)", 34.0),
+        evt("cudaGraphLaunch", 500.0, cpu),   # host records are not device time
+        evt("void overlap::ll::(anonymous namespace)::pack_kernel<int>(P)", 14.0)])
+    got = device_time_by_name(prof, per=2)
+    assert got == "Memcpy PtoP (Device -> Device)=32.0us x1; pack_kernel=12.0us x1", got

@@ -268,7 +268,7 @@ class FakeEPBuffer:
         self.ll = FakeLowLatency([], {}, world_size=dist.get_world_size(), fail_on=FakeEPBuffer.fail_on)
 
 
-def _fake_graph_replay(fn, *, warmup=3, iters=50, replays_per_sample=10):
+def _fake_graph_replay(fn, *, warmup=3, iters=50, replays_per_sample=10, profile_replays=0):
     samples = []
     for _ in range(warmup):
         fn()
@@ -276,8 +276,11 @@ def _fake_graph_replay(fn, *, warmup=3, iters=50, replays_per_sample=10):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e6)
-    return {"time_us": sorted(samples)[len(samples) // 2], "min_us": min(samples), "max_us": max(samples),
-            "iters": iters}
+    out = {"time_us": sorted(samples)[len(samples) // 2], "min_us": min(samples), "max_us": max(samples),
+           "iters": iters}
+    if profile_replays:
+        out["device_us_by_name"] = f"stand_in_kernel=1.0us x{profile_replays}"
+    return out
 
 
 def _use_stand_ins(fail_on):
@@ -331,7 +334,7 @@ def _script_args(script, tmp_path, *extra):
 def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
     """The GPU body on CPU stand-ins: all transports in lockstep; the fp8 dispatch failing on one
     rank only fails that case everywhere, skips the transport's combine, and nccl still runs."""
-    args = _script_args("decode_bench", tmp_path)
+    args = _script_args("decode_bench", tmp_path, "--profile-replays", "2")
     rows = run_distributed(_bench_body, 2, args, backend="gloo", timeout_s=120)[0]
     data = json.loads(open(args.results_path).read())
     assert data["meta"]["partial"] is False and data["meta"]["study"] == "decode_bench"
@@ -347,6 +350,7 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
     for r in measured:
         assert all(not isinstance(v, (dict, list, tuple)) for v in r.values())
         assert r["time_us"] > 0 and r["wire_bytes_per_rank"] >= 0 and r["world_size"] == 2
+        assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
         sm_blocks = decode_bench.send_kernel_blocks(r["op"], 6, 2, 6, 64)   # 6 tokens, hidden 64
         assert r["num_sms"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
 

@@ -81,10 +81,12 @@ def capture_graph(fn: Callable[[], object], *, warmup: int = 2) -> "torch.cuda.C
 
 
 def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int = 50,
-                      replays_per_sample: int = 10) -> dict[str, float]:
+                      replays_per_sample: int = 10, profile_replays: int = 0) -> dict[str, float]:
     """Capture ``fn`` in a CUDA graph and time its replays (launch overhead removed).
 
     Each sample is ``replays_per_sample`` back-to-back replays between two events, divided.
+    ``profile_replays > 0``: afterwards, that many more replays run under the torch profiler and
+    ``device_us_by_name`` says where the device time of one replay went (:func:`device_time_by_name`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_graph_replay needs a CUDA device")
@@ -101,5 +103,37 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3 / replays_per_sample)
-    return {"time_us": statistics.median(samples), "min_us": min(samples), "max_us": max(samples),
-            "iters": iters}
+    out = {"time_us": statistics.median(samples), "min_us": min(samples), "max_us": max(samples), "iters": iters}
+    if profile_replays > 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(profile_replays):
+                graph.replay()
+            torch.cuda.synchronize()
+        out["device_us_by_name"] = device_time_by_name(prof, profile_replays)
+    return out
+
+
+def short_kernel_name(name: str) -> str:
+    """``void ns::(anonymous namespace)::pack_kernel<int>(Params)`` -> ``pack_kernel``; memcpy
+    and memset records keep their names."""
+    if name.startswith(("Memcpy", "Memset")):
+        return name
+    head = name.replace("(anonymous namespace)", "").split("(")[0].split("<")[0]
+    return head.split("::")[-1].replace("void ", "").strip() or name
+
+
+def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
+    """Device time of each kernel / memcpy name in a torch profile, summed, divided by ``per``
+    (e.g. the replays profiled): ``"name=us xcount; ..."``, largest first, ``top`` names. Copies on
+    side streams overlap other work, so the terms can add up to more than the wall time."""
+    totals: dict[str, list] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = totals.setdefault(short_kernel_name(evt.name), [0.0, 0])
+        t[0] += evt.device_time_total
+        t[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return "; ".join(f"{name}={us / per:.1f}us x{n / per:g}" for name, (us, n) in ranked)
