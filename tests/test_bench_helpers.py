@@ -42,6 +42,7 @@ def test_device_time_by_name_sums_device_records_per_replay():
         evt("void overlap::ll::(anonymous namespace)::pack_kernel<int>(P)", 10.0),
         evt("Memcpy PtoP (Device -> Device)", 30.0), evt("Memcpy PtoP (Device -> Device)", 34.0),
         evt("cudaGraphLaunch", 500.0, cpu),   # host records are not device time
-        evt("void overlap::ll::(anonymous namespace)::pack_kernel<int>(P)", 14.0)])
+        evt("void overlap::ll::(anonymous namespace)::pack_kernel<int>(P)", 14.0),
+        evt("hook_kernel", 5.0), evt("hook_kernel", 6.0), evt("hook_kernel", 9000.0)])   # one stalled record
     got = device_time_by_name(prof, per=2)
-    assert got == "Memcpy PtoP (Device -> Device)=32.0us x1; pack_kernel=12.0us x1", got
+    assert got == "Memcpy PtoP (Device -> Device)=32.0us x1; pack_kernel=12.0us x1; hook_kernel=9.0us x1.5", got

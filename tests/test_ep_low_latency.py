@@ -361,8 +361,20 @@ def _graph_copies_overlap_rank(rank, W):
         return [f"rank {rank}: no copy-engine transfer in the traced graph replays"]
     if d.transfer_overlap_share < 0.5:
         return [f"rank {rank}: only {100 * d.transfer_overlap_share:.0f}% of the copies ({d.transfer_us:.1f} us) ran "
-                f"beside compute in the graph replay; copy start lag {d.copy_start_lag_us} us"]
+                f"beside compute in the graph replay; copy start lag {d.copy_start_lag_us} us; "
+                f"timeline: {_gpu_timeline(path)}"]
     return []
+
+
+def _gpu_timeline(path, limit=40):
+    """``name@start+dur`` (us from the first GPU event, by stream) of a trace's first GPU events:
+    enough to see in a failure message which copy ran outside compute, and why."""
+    from overlap.profiling import load_trace, short_kernel_name
+
+    evs = load_trace(path).gpu_events[:limit]
+    t0 = evs[0].ts if evs else 0.0
+    return " ".join(f"[s{e.stream}]{short_kernel_name(e.name).split('::')[-1][:24]}@{e.ts - t0:.1f}+{e.dur:.1f}"
+                    for e in evs)
 
 
 def _timeout_rank(rank, W):

@@ -76,9 +76,14 @@ def test_send_fraction_env_and_split(monkeypatch):
     from overlap.ep.backends.triton_backend import SEND_FRACTION_ENV, send_programs
 
     monkeypatch.delenv(SEND_FRACTION_ENV, raising=False)
-    assert [send_programs(n) for n in (1, 2, 3, 8, 20, 24)] == [1, 1, 2, 4, 10, 12]
-    monkeypatch.setenv(SEND_FRACTION_ENV, "0.3")
+    assert [send_programs(n) for n in (1, 2, 3, 8, 20, 24)] == [1, 2, 3, 6, 15, 18]          # 0.75
+    assert [send_programs(n, "dispatch_fp8") for n in (1, 8, 20)] == [1, 7, 18]            # 0.875
+    assert [send_programs(n, "combine") for n in (1, 2, 8, 20, 32)] == [1, 1, 3, 8, 12]   # 0.375
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        send_programs(4, "reduce")
+    monkeypatch.setenv(SEND_FRACTION_ENV, "0.3")   # overrides every kernel's default
     assert [send_programs(n) for n in (1, 2, 10, 20)] == [1, 1, 3, 6]
+    assert [send_programs(n, "combine") for n in (1, 2, 10, 20)] == [1, 1, 3, 6]
     monkeypatch.setenv(SEND_FRACTION_ENV, "1")  # every program sends, then receives
     assert [send_programs(n) for n in (1, 7)] == [1, 7]
     for bad in ("0", "-0.5", "1.5", "nan", "half"):

@@ -14,7 +14,8 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRanksPerPass = 32;  // one warp scans one rank's per-warp counts: 32 warps, 32 ranks
-constexpr int kMaxExperts = 4096;  // shared-memory histogram size
+constexpr int kMaxExperts = 4096;  // shared-memory histogram size (ids fit an int)
+constexpr int kIdsPerLoad = 8;     // routing ids a thread loads at once (top-8 in one batch)
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -40,12 +41,20 @@ routing_layout_kernel(const IdxT* __restrict__ topk_idx, int64_t num_tokens, int
       const int64_t t = base + tid;
       unsigned hits = 0;  // bit i: the token goes to rank r0 + i
       if (t < num_tokens) {
-        for (int j = 0; j < topk; ++j) {
-          const int64_t e = static_cast<int64_t>(topk_idx[t * topk + j]);
-          if (e < 0) continue;
-          if (r0 == 0) atomicAdd(&expert_hist[e], 1);
-          const int64_t i = e / experts_per_rank - r0;
-          if (i >= 0 && i < ranks) hits |= 1u << i;
+        // All of a token's ids are loaded before any is used: testing each as it arrived cost a
+        // memory round trip per k (the loop count is a runtime value, so nothing was batched).
+        const IdxT* row = topk_idx + t * topk;
+        for (int j0 = 0; j0 < topk; j0 += kIdsPerLoad) {
+          int ids[kIdsPerLoad];
+#pragma unroll
+          for (int j = 0; j < kIdsPerLoad; ++j) ids[j] = j0 + j < topk ? static_cast<int>(row[j0 + j]) : -1;
+#pragma unroll
+          for (int j = 0; j < kIdsPerLoad; ++j) {
+            if (ids[j] < 0 || ids[j] >= num_experts) continue;  // unvalidated garbage: ignored like -1
+            if (r0 == 0) atomicAdd(&expert_hist[ids[j]], 1);
+            const int i = ids[j] / experts_per_rank - r0;
+            if (i >= 0 && i < ranks) hits |= 1u << i;
+          }
         }
       }
       for (int i = 0; i < ranks; ++i) {

@@ -115,25 +115,21 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
     return out
 
 
-def short_kernel_name(name: str) -> str:
-    """``void ns::(anonymous namespace)::pack_kernel<int>(Params)`` -> ``pack_kernel``; memcpy
-    and memset records keep their names."""
-    if name.startswith(("Memcpy", "Memset")):
-        return name
-    head = name.replace("(anonymous namespace)", "").split("(")[0].split("<")[0]
-    return head.split("::")[-1].replace("void ", "").strip() or name
-
-
 def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
-    """Device time of each kernel / memcpy name in a torch profile, summed, divided by ``per``
-    (e.g. the replays profiled): ``"name=us xcount; ..."``, largest first, ``top`` names. Copies on
-    side streams overlap other work, so the terms can add up to more than the wall time."""
-    totals: dict[str, list] = {}
+    """Device time of each kernel / memcpy name in a torch profile, per ``per`` (e.g. the replays
+    profiled): ``"name=us xcount; ..."``, largest first, ``top`` names; ``us`` = the median
+    duration of the name's records times their count per replay (a median: one record that
+    spans a profiler flush or a peer's stall would swamp a mean). Copies on side streams overlap
+    other work, so the terms can add up to more than the wall time."""
+    from overlap.profiling.analyze import short_kernel_name
+
+    durations: dict[str, list] = {}
     for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = totals.setdefault(short_kernel_name(evt.name), [0.0, 0])
-        t[0] += evt.device_time_total
-        t[1] += 1
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            name = short_kernel_name(evt.name)
+            if not name.startswith(("Memcpy", "Memset")):
+                name = name.split("::")[-1]   # namespaces make the one-line summary unreadable
+            durations.setdefault(name, []).append(evt.device_time_total)
+    totals = {name: (statistics.median(d) * len(d) / per, len(d) / per) for name, d in durations.items()}
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return "; ".join(f"{name}={us / per:.1f}us x{n / per:g}" for name, (us, n) in ranked)
+    return "; ".join(f"{name}={us:.1f}us x{n:g}" for name, (us, n) in ranked)

@@ -12,12 +12,16 @@ timeout raises a RuntimeError, exactly as for the CUDA backend. Like it, a dispa
 
 Tuning knobs (environment, read at every launch):
 
-- ``OVERLAP_TRITON_SEND_FRACTION`` (default 0.5): the fraction of the programs that send (the
-  first ``ceil(fraction * num_sms)``, at least one); the others start receiving (dispatch) or
-  reducing (combine) at once. Tiles are claimed from per-operation counters, not assigned, and
-  a sender with nothing left to send joins the receivers, so the fraction sets only how many
-  programs start on each side. At 1 (and always on a grid of one program) every program sends,
-  then receives.
+- ``OVERLAP_TRITON_SEND_FRACTION`` (default per kernel, :data:`DEFAULT_SEND_FRACTION`: bf16
+  dispatch 0.75, FP8 dispatch 0.875, combine 0.375; the variable overrides all three): the
+  fraction of the programs that send (the first ``ceil(fraction * num_sms)``, at least one); the
+  others start receiving (dispatch) or reducing (combine) at once. Tiles are claimed from
+  per-operation counters, not assigned, and a sender with nothing left to send joins the
+  receivers, so the fraction sets only how many programs start on each side. At 1 (and always
+  on a grid of one program) every program sends, then receives. The defaults are the best of
+  0.25 ... 0.875 on 2 H200 at 8/20/32 SMs (9ddaf3e, 4096 tokens, hidden 7168, top-8): the
+  dispatch's senders store over NVLink and want most programs, the combine's reducers read
+  several ranks' rows per token and want most of them.
 - ``OVERLAP_TRITON_EP_TILE_BYTES`` (default 65536): bytes of a tile of ``BLOCK_T`` rows x
   ``BLOCK_H`` columns, loaded whole before it is stored, i.e. the bytes each program keeps in
   flight. The combine's reduce loads two ranks' tiles of half that at once (plus fp32
@@ -37,7 +41,7 @@ from overlap.ep.backends.env import env_number
 TILE_BYTES_ENV = "OVERLAP_TRITON_EP_TILE_BYTES"
 DEFAULT_TILE_BYTES = 65536
 SEND_FRACTION_ENV = "OVERLAP_TRITON_SEND_FRACTION"
-DEFAULT_SEND_FRACTION = 0.5
+DEFAULT_SEND_FRACTION = {"dispatch": 0.75, "dispatch_fp8": 0.875, "combine": 0.375}
 NUM_WARPS = 16
 _MAX_ROW_BLOCK_BYTES = 2048   # columns per tile: 1024 bf16 (hidden 7168 = 7 blocks, no masked tail)
 _MAX_RANKS = 32
@@ -70,12 +74,16 @@ def combine_tiles(hidden: int, element_size: int) -> tuple[int, int, int]:
     return max(1, block_ts // 2), block_ts, block_h
 
 
-def send_programs(num_programs: int) -> int:
-    """How many of ``num_programs`` programs send first (the first ones; every program then
-    receives): ``ceil(OVERLAP_TRITON_SEND_FRACTION * num_programs)``, at least 1."""
+def send_programs(num_programs: int, kernel: str = "dispatch") -> int:
+    """How many of ``num_programs`` programs of ``kernel`` ("dispatch", "dispatch_fp8" or
+    "combine") send first (the first ones; every program then receives):
+    ``ceil(fraction * num_programs)``, at least 1, with the fraction from
+    ``OVERLAP_TRITON_SEND_FRACTION`` or else :data:`DEFAULT_SEND_FRACTION` of ``kernel``."""
     if num_programs < 1:
         raise ValueError(f"num_programs={num_programs} must be >= 1")
-    fraction = env_number(SEND_FRACTION_ENV, DEFAULT_SEND_FRACTION, float, lambda v: 0 < v <= 1,
+    if kernel not in DEFAULT_SEND_FRACTION:
+        raise ValueError(f"kernel must be one of {sorted(DEFAULT_SEND_FRACTION)}, got {kernel!r}")
+    fraction = env_number(SEND_FRACTION_ENV, DEFAULT_SEND_FRACTION[kernel], float, lambda v: 0 < v <= 1,
                           "a number in (0, 1] (the fraction of the programs that send; the others receive)")
     return min(num_programs, max(1, math.ceil(fraction * num_programs - 1e-9)))
 
@@ -136,7 +144,7 @@ def launch_dispatch(x, topk_idx, topk_weights, token_slot, count_matrix, peer_ba
         ep_dispatch_kernel[(num_blocks,)](
             *(_nonempty(t) for t in tensors), rank, world, timeout_ns, status_ptr, num_tokens, hidden, topk,
             recv_expert_counts.numel(), x_region_offset, x_row_stride, meta_region_offset, flag_region_offset,
-            recv_x.shape[0], send_programs(num_blocks), FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h,
+            recv_x.shape[0], send_programs(num_blocks, "dispatch_fp8" if fp8 else "dispatch"), FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h,
             BLOCK_K=max(2, _next_pow2(topk)), BLOCK_S=max(2, _next_pow2(hidden // FP8_BLOCK)),
             BLOCK_W=_block_w(world), USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
 
@@ -157,7 +165,7 @@ def launch_combine(y, token_slot, count_matrix, peer_bases, out, rank, num_block
         ep_combine_kernel[(num_blocks,)](
             *(_nonempty(t) for t in (y, token_slot, count_matrix, peer_bases, out)), rank, world, max_tokens,
             timeout_ns, status_ptr, num_tokens, hidden, region_offset, row_stride, flag_region_offset,
-            send_programs(num_blocks), BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_TS=block_ts, BLOCK_W=_block_w(world),
+            send_programs(num_blocks, "combine"), BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_TS=block_ts, BLOCK_W=_block_w(world),
             USE_GLOBALTIMER=_use_globaltimer(), num_warps=NUM_WARPS)
 
 
