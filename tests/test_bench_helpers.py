@@ -46,3 +46,12 @@ def test_device_time_by_name_sums_device_records_per_replay():
         evt("hook_kernel", 5.0), evt("hook_kernel", 6.0), evt("hook_kernel", 9000.0)])   # one stalled record
     got = device_time_by_name(prof, per=2)
     assert got == "Memcpy PtoP (Device -> Device)=32.0us x1; pack_kernel=12.0us x1; hook_kernel=9.0us x1.5", got
+
+
+def test_environment_meta_records_overlap_knobs(monkeypatch):
+    from overlap.bench.records import environment_meta
+
+    monkeypatch.setenv("OVERLAP_TRITON_SEND_FRACTION", "0.5")
+    monkeypatch.setenv("OVERLAP_GIT_COMMIT", "abc")   # recorded as meta.commit, not as a knob
+    assert "OVERLAP_TRITON_SEND_FRACTION=0.5" in environment_meta()["overlap_env"].split()
+    assert "OVERLAP_GIT_COMMIT" not in environment_meta()["overlap_env"]

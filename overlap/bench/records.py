@@ -39,6 +39,9 @@ def environment_meta() -> dict[str, Any]:
     import torch
 
     meta: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    # Tuning knobs change what a kernel does (send fractions, chunk sizes, timeouts): record them.
+    meta["overlap_env"] = " ".join(sorted(f"{k}={v}" for k, v in os.environ.items()
+                                          if k.startswith("OVERLAP_") and not k.startswith("OVERLAP_GIT_")))
     try:
         import triton
 
