@@ -1,13 +1,13 @@
 // Block 0 computes the ranks' side of the layout: a token's slot in a rank is a prefix count over
 // *all* earlier tokens, and one block walking the tokens in rounds of 1024 does that without any
-// inter-block synchronisation. Thread i of a round owns token round * 1024 + i, so the routing
-// rows are read coalesced (a thread-per-contiguous-chunk split took ~40 us for 4096 tokens x
-// top-8 on an H200). Within a round, a warp's tokens are ranked by ballot + popc, warps by one
-// warp-wide scan per rank. The other blocks count tokens per expert, a slice of tokens each, into
-// an output the launcher zeroes (in block 0 that histogram cost ~10% of the kernel). Block 0 still
-// takes ~23 us at 1.5 GHz for 4096 tokens x top-8 (ncu, H200): each lane reads its own token's k
-// ids, 64 bytes apart across the warp, so the loads are L1-bound; a coalesced load of the warp's
-// ids through shared memory is the next step.
+// inter-block synchronisation. Thread i of a round owns token round * 1024 + i (a thread per
+// contiguous chunk of tokens, the earlier split, took ~40 us for 4096 tokens x top-8 on 4 H200).
+// Within a round, a warp's tokens are ranked by ballot + popc, warps by one warp-wide scan per
+// rank. The other blocks count tokens per expert, a slice of tokens each, into an output the
+// launcher zeroes (in block 0 that histogram cost ~10% of the kernel). Block 0 still takes ~23 us
+// at 1.5 GHz for 4096 tokens x top-8 (ncu, H200, W=2): each lane reads its own token's k ids,
+// 64 bytes apart across the warp (L1/TEX throughput 28% of the whole GPU from this one SM); a
+// coalesced load of the warp's ids through shared memory is the next step.
 #include <algorithm>
 
 #include <cub/warp/warp_scan.cuh>
@@ -23,7 +23,7 @@ constexpr int kRanksPerPass = 32;  // one warp scans one rank's per-warp counts:
 constexpr int kMaxExperts = 4096;  // shared-memory histogram size (ids fit an int)
 constexpr int kIdsPerLoad = 8;     // routing ids a thread loads at once (top-8 in one batch)
 constexpr int kHistTokens = 256;   // tokens per histogram block (a few atomics per thread)
-constexpr int kMaxHistBlocks = 64;
+constexpr int kMaxHistBlocks = 64;  // beyond that a block takes several slices
 
 template <typename IdxT>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -69,8 +69,8 @@ routing_layout_kernel(const IdxT* __restrict__ topk_idx, int64_t num_tokens, int
       const int64_t t = base + tid;
       unsigned hits = 0;  // bit i: the token goes to rank r0 + i
       if (t < num_tokens) {
-        // All of a token's ids are loaded before any is used: testing each as it arrived cost a
-        // memory round trip per k (the loop count is a runtime value, so nothing was batched).
+        // A token's ids are loaded in batches before any is tested, so their loads are in flight
+        // together (the loop count is a runtime value: the compiler would not batch them itself).
         const IdxT* row = topk_idx + t * topk;
         for (int j0 = 0; j0 < topk; j0 += kIdsPerLoad) {
           int ids[kIdsPerLoad];

@@ -160,35 +160,26 @@ class EPComm:
 
     def dispatch_forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> Pending:
         """Tokens ``x [T, H]`` to their experts' ranks; the value is a :class:`Dispatched`."""
-        if self.num_worst_tokens is not None:
-            return self._dispatch_forward_budget(x, topk_idx, topk_weights)
+        budget = self.num_worst_tokens
         issued, compute = self._start((x, topk_idx, topk_weights),
-                                      lambda: self.buffer.dispatch_async(x, topk_idx, topk_weights))
-        recv_x, recv_idx, recv_w, counts, handle, event = issued
-
-        def result() -> Dispatched:
-            # Read the send counts on the host now, where the dispatch has synchronised anyway,
-            # rather than in the backward, where a sync would stall the queue.
-            send = handle.layout.num_tokens_per_rank.tolist() if handle.recv_counts is not None else None
-            return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights, send)
-        return self._pending(compute, [event], result)
-
-    def _dispatch_forward_budget(self, x, topk_idx, topk_weights) -> Pending:
-        buf, budget = self.buffer, self.num_worst_tokens
-
-        issued, compute = self._start((x, topk_idx, topk_weights),
-                                      lambda: buf.dispatch_async(x, topk_idx, topk_weights, num_worst_tokens=budget))
+                                      lambda: self.buffer.dispatch_async(x, topk_idx, topk_weights,
+                                                                         num_worst_tokens=budget))
         recv_x, recv_idx, recv_w, counts, handle, event = issued
         capacity = self.expert_capacity
-        if capacity is None:
-            capacity = safe_expert_capacity(budget, topk_idx.shape[1], buf.num_local_experts)
+        if budget is not None and capacity is None:
+            capacity = safe_expert_capacity(budget, topk_idx.shape[1], self.buffer.num_local_experts)
 
         def result() -> Dispatched:
+            if budget is None:
+                # Read the send counts on the host now, where the dispatch has synchronised
+                # anyway, rather than in the backward, where a sync would stall the queue.
+                send = handle.layout.num_tokens_per_rank.tolist() if handle.recv_counts is not None else None
+                return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights, send)
             # The backward places routing-weight gradients by source rank, with the per-source
-            # row counts the dispatch already holds on the device (no exchange of its own).
-            rank_counts = handle.recv_rank_counts.to(torch.int64)
+            # row counts the dispatch already holds on the device (a copy made on this stream).
             return Dispatched(recv_x, recv_idx, recv_w, counts, handle, topk_idx, topk_weights,
-                              num_worst_tokens=budget, expert_capacity=capacity, recv_rank_counts=rank_counts)
+                              num_worst_tokens=budget, expert_capacity=capacity,
+                              recv_rank_counts=handle.recv_rank_counts.to(torch.int64))
         return self._pending(compute, [event], result)
 
     def combine_forward(self, y: torch.Tensor, d: Dispatched) -> Pending:
