@@ -55,3 +55,25 @@ def test_environment_meta_records_overlap_knobs(monkeypatch):
     monkeypatch.setenv("OVERLAP_GIT_COMMIT", "abc")   # recorded as meta.commit, not as a knob
     assert "OVERLAP_TRITON_SEND_FRACTION=0.5" in environment_meta()["overlap_env"].split()
     assert "OVERLAP_GIT_COMMIT" not in environment_meta()["overlap_env"]
+
+
+def test_replay_timeline_gives_median_offsets_from_each_replays_first_record():
+    from types import SimpleNamespace
+
+    import torch
+
+    from overlap.bench.timing import replay_timeline
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def evt(name, start, end, kind=cuda):
+        return SimpleNamespace(name=name, device_type=kind, time_range=SimpleNamespace(start=start, end=end))
+
+    prof = SimpleNamespace(events=lambda: [
+        evt("pack_kernel", 100.0, 110.0), evt("Memcpy PtoP (Device -> Device)", 113.0, 119.0),
+        evt("hook_kernel", 121.0, 135.0), evt("cudaGraphLaunch", 90.0, 140.0, cpu),
+        evt("pack_kernel", 200.0, 212.0), evt("Memcpy PtoP (Device -> Device)", 215.0, 221.0),
+        evt("hook_kernel", 223.0, 235.0)])
+    got = replay_timeline(prof, per=2)
+    assert got == ("pack_kernel@0.0-11.0; Memcpy PtoP (Device -> Device)@14.0-20.0; hook_kernel@22.0-35.0"), got
+    assert replay_timeline(prof, per=4).startswith("unavailable: 6 device records")

@@ -86,7 +86,8 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
 
     Each sample is ``replays_per_sample`` back-to-back replays between two events, divided.
     ``profile_replays > 0``: afterwards, that many more replays run under the torch profiler and
-    ``device_us_by_name`` says where the device time of one replay went (:func:`device_time_by_name`).
+    ``device_us_by_name`` says where the device time of one replay went (:func:`device_time_by_name`)
+    and ``replay_timeline`` when each record started and ended (:func:`replay_timeline`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("time_graph_replay needs a CUDA device")
@@ -112,6 +113,7 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
                 graph.replay()
             torch.cuda.synchronize()
         out["device_us_by_name"] = device_time_by_name(prof, profile_replays)
+        out["replay_timeline"] = replay_timeline(prof, profile_replays)
     return out
 
 
@@ -133,3 +135,30 @@ def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
     totals = {name: (statistics.median(d) * len(d) / per, len(d) / per) for name, d in durations.items()}
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return "; ".join(f"{name}={us:.1f}us x{n:g}" for name, (us, n) in ranked)
+
+
+def replay_timeline(prof, per: int) -> str:
+    """When each device record of a replay starts and ends, relative to the replay's first record:
+    ``"name@start-end; ..."`` in start order, each figure the median over the ``per`` profiled
+    replays (µs). The gaps between records are the dependency and launch latency the per-name
+    times of :func:`device_time_by_name` leave out. Replays run one after another, so sorting
+    all records by start and cutting them into ``per`` equal runs recovers each replay; when the
+    record count is not a multiple of ``per`` (a profiler flush lost one) it says so instead.
+    """
+    from overlap.profiling.analyze import short_kernel_name
+
+    records = sorted((evt.time_range.start, evt.time_range.end, evt.name) for evt in prof.events()
+                     if evt.device_type == torch.autograd.DeviceType.CUDA)
+    if per < 1 or not records or len(records) % per:
+        return f"unavailable: {len(records)} device records for {per} replays"
+    n = len(records) // per
+    replays = [records[i * n:(i + 1) * n] for i in range(per)]
+    parts = []
+    for pos in range(n):
+        name = short_kernel_name(replays[0][pos][2])
+        if not name.startswith(("Memcpy", "Memset")):
+            name = name.split("::")[-1]
+        start = statistics.median(r[pos][0] - r[0][0] for r in replays)
+        end = statistics.median(r[pos][1] - r[0][0] for r in replays)
+        parts.append(f"{name}@{start:.1f}-{end:.1f}")
+    return "; ".join(parts)
