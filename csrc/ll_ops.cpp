@@ -7,6 +7,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -25,10 +29,10 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-constexpr int kCommonFields = 16;
+constexpr int kCommonFields = 17;
 
 // Order: rank, num_ranks, kind, slot, mode, my_base, slot_offset, region_stride, row_stride,
-// max_tokens, staging, hidden, topk, num_local_experts, timeout_ns, status_ptr.
+// max_tokens, staging, hidden, topk, num_local_experts, timeout_ns, status_ptr, stamps_ptr (0: off).
 ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& peer_bases, const at::Device& device) {
   TORCH_CHECK(v.size() == kCommonFields, "common must have ", kCommonFields, " fields, got ", v.size());
   check_tensor(peer_bases, "peer_bases", at::kLong, 1, device);
@@ -49,6 +53,7 @@ ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& pee
   c.num_local_experts = static_cast<int>(v[13]);
   c.timeout_ns = static_cast<uint64_t>(v[14]);
   c.status_host = reinterpret_cast<int*>(v[15]);
+  c.stamps = reinterpret_cast<uint64_t*>(v[16]);
   c.peer_bases = peer_bases.data_ptr<int64_t>();
   TORCH_CHECK(peer_bases.size(0) == c.num_ranks, "peer_bases must have num_ranks=", c.num_ranks, " entries");
   TORCH_CHECK(ll::common_ok(c), "low-latency kernel arguments out of range (rank ", c.rank, "/", c.num_ranks,
@@ -193,9 +198,50 @@ at::Tensor ll_view(int64_t ptr, int64_t nbytes, const at::Tensor& like) {
       .make_tensor();
 }
 
+// cuStreamWriteValue32 from the driver, looked up once through the runtime (so the extension
+// needs no -lcuda). Null where the driver lacks it.
+using WriteValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
+
+WriteValue32Fn write_value32() {
+  static WriteValue32Fn fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &ptr, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess) {
+      fn = reinterpret_cast<WriteValue32Fn>(ptr);
+    }
+    (void)cudaGetLastError();
+  });
+  return fn;
+}
+
+// The 32-bit stream memory operations (v2) are available on every platform since CUDA 11.7;
+// only a driver too old to export them lacks the entry point.
+bool ll_can_write_flags() { return write_value32() != nullptr; }
+
+// Queue on the current stream a write of `value` to the 4-byte word at `ptr` (this GPU's or a
+// peer's mapped memory), done by the GPU's front end: no kernel, no copy engine, no SM. The
+// driver fences the stream's earlier writes before it. Captured into CUDA graphs as a memory
+// operation node (with the value it had at capture).
+void ll_write_flag(int64_t ptr, int64_t value, const at::Tensor& like) {
+  TORCH_CHECK(like.is_cuda(), "like must be a CUDA tensor");
+  TORCH_CHECK(ptr != 0 && ptr % 4 == 0, "ll_write_flag needs a non-null 4-byte-aligned address");
+  TORCH_CHECK(value >= 0 && value <= 0xffffffffLL, "ll_write_flag writes a 32-bit unsigned value");
+  const WriteValue32Fn fn = write_value32();
+  TORCH_CHECK(fn != nullptr, "this CUDA driver has no cuStreamWriteValue32; use ll_can_write_flags first");
+  const c10::cuda::CUDAGuard guard(like.device());
+  const CUresult r = fn(reinterpret_cast<CUstream>(stream_of(like.device())), static_cast<CUdeviceptr>(ptr),
+                        static_cast<cuuint32_t>(value), CU_STREAM_WRITE_VALUE_DEFAULT);
+  TORCH_CHECK(r == CUDA_SUCCESS, "cuStreamWriteValue32 failed with CUresult ", static_cast<int>(r));
+}
+
 std::vector<int64_t> ll_layout() {
-  return {ll::kSignalBytes, ll::kMaxRanks, ll::kMaxSlots, ll::kMaxTokens, ll::kMaxTopk,
-          ll::kFlagsOffset, ll::kAcksOffset, ll::kSendSeqOffset, ll::kRegionHeader, ll::kFp8Block};
+  return {ll::kSignalBytes, ll::kMaxRanks,      ll::kMaxSlots,     ll::kMaxTokens, ll::kMaxTopk,
+          ll::kFlagsOffset, ll::kAcksOffset,    ll::kSendSeqOffset, ll::kRegionHeader, ll::kFp8Block,
+          ll::kCeFlagsOffset};
 }
 
 }  // namespace
@@ -214,6 +260,8 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
   m.def("ll_combine_recv(Tensor token_slot, Tensor peer_bases, Tensor(a!) out, int[] common, int wait_flags) -> ()");
   m.def("ll_view(int ptr, int nbytes, Tensor like) -> Tensor");
   m.def("ll_layout() -> int[]", &ll_layout);
+  m.def("ll_write_flag(int ptr, int value, Tensor like) -> ()");
+  m.def("ll_can_write_flags() -> bool", &ll_can_write_flags);
 }
 
 TORCH_LIBRARY_IMPL(overlap, CUDA, m) {
@@ -222,4 +270,5 @@ TORCH_LIBRARY_IMPL(overlap, CUDA, m) {
   m.impl("ll_combine_send", &ll_combine_send);
   m.impl("ll_combine_recv", &ll_combine_recv);
   m.impl("ll_view", &ll_view);
+  m.impl("ll_write_flag", &ll_write_flag);
 }

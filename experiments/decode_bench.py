@@ -343,7 +343,9 @@ def _bench_transport(runner, sink, kept, args, rank, world_size, dev, inputs, tr
             wire = [c["back_other"] * H * 2 for c in counts]
             logical = [c["sent_rows"] * H * 2 for c in counts]
             copied = (world_size - 1) * region_stride(T, combine_row_stride(H))
+        flag_write = ll.flag_write if transport == "copy_engine" else None   # how arrival flags were raised
         sink.add(reduce_row({"op": op, **base, "num_sms": sms_in_flight(transport, op, T, world_size, T, H, sm_count),
+                             "flag_write": flag_write,
                              "dtype": dtype, "copied_bytes_per_rank": copied,
                              "timing": ("cuda_graph_replay" if args.timing == "graph" else "eager") + ", send + hook",
                              "iters": args.iters}, res.values, wire, logical))
@@ -409,6 +411,7 @@ def reduce_row(row: dict, timings: list, wire: list, logical: list) -> dict:
     slowest = max(timings, key=lambda t: t["time_us"])
     if "device_us_by_name" in slowest:   # --profile-replays: where the slowest rank's replay spends device time
         row["device_us_by_name_slowest_rank"] = slowest["device_us_by_name"]
+        row["replay_timeline_slowest_rank"] = slowest.get("replay_timeline", "")
     return row
 
 
@@ -432,7 +435,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, warmup: int, iters: int) ->
     p.add_argument("--iters", type=int, default=iters)
     p.add_argument("--profile-replays", type=int, default=0,
                    help="graph timing: profile this many more replays and record each kernel's and copy's device "
-                        "time per replay (device_us_by_name_slowest_rank); 0: off")
+                        "time per replay (device_us_by_name_slowest_rank) and when each starts and ends "
+                        "(replay_timeline_slowest_rank); 0: off")
     p.add_argument("--case-timeout", type=float, default=120.0,
                    help="seconds one case may run before the rank reports a stall and exits (code 124)")
     p.add_argument("--timeout", type=float, default=540.0,

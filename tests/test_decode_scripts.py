@@ -134,6 +134,7 @@ class FakeLowLatency:
         self.max_in_flight = Counter()
         self.hooks = Counter()
         self.issued = 0
+        self.flag_write = "memop"
 
     def _issue(self, kind, tag, fill):
         if len(self.in_flight[kind]) >= self.num_slots:
@@ -280,6 +281,7 @@ def _fake_graph_replay(fn, *, warmup=3, iters=50, replays_per_sample=10, profile
            "iters": iters}
     if profile_replays:
         out["device_us_by_name"] = f"stand_in_kernel=1.0us x{profile_replays}"
+        out["replay_timeline"] = "stand_in_kernel@0.0-1.0"
     return out
 
 
@@ -351,6 +353,8 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert all(not isinstance(v, (dict, list, tuple)) for v in r.values())
         assert r["time_us"] > 0 and r["wire_bytes_per_rank"] >= 0 and r["world_size"] == 2
         assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
+        assert r["replay_timeline_slowest_rank"] == "stand_in_kernel@0.0-1.0"
+        assert r["flag_write"] == ("memop" if r["transport"] == "copy_engine" else None)
         sm_blocks = decode_bench.send_kernel_blocks(r["op"], 6, 2, 6, 64)   # 6 tokens, hidden 64
         assert r["num_sms"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
 

@@ -6,10 +6,12 @@
 // Symmetric buffer layout (bytes from each rank's base). The first kIntranodeHeader bytes keep
 // the intranode layout (sticky error word at 1024, canary at 2048), so SymmetricBuffer's mapping
 // check and dev::record_failure work unchanged:
-//   flags[kind][slot][src]  u64  written by src (value = the sender's use count of the slot)
-//   acks [kind][slot][dst]  u64  written by dst's hook once it consumed the slot (same value)
-//   send_seq[kind][slot]    u64  local: how often this rank sent on the slot (the flag source)
-//   done[kind][slot][2]     u32  local: last-block counters of the pack (0) and hook (1) kernels
+//   flags[kind][slot][src]    u64  written by src's SM stores (value = src's use count of the slot)
+//   acks [kind][slot][dst]    u64  written by dst's hook once it consumed the slot (same value)
+//   send_seq[kind][slot]      u64  local: how often this rank sent on the slot
+//   done[kind][slot][2]       u32  local: last-block counters of the pack (0) and hook (1) kernels
+//   ce_flags[kind][slot][src] u32  copy-engine arrival: 1 = src's copy into the slot landed;
+//                                  the receiving hook resets it to 0 before it acks
 //   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
 // A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
 // A dispatch row is [topk x {int32 local expert or -1, fp32 weight}, padded to 16][payload],
@@ -20,12 +22,17 @@
 // order, so their use counts of every slot agree):
 //   pack:  n = send_seq + 1; wait (bounded) until acks[k][s][d] >= n - 1 for every d (d consumed
 //          the previous use); write rows (to peers directly, or to local staging); last block:
-//          send_seq = n and, for SM-driven sends, flags[k][s][me] = n at every peer (release).
-//   send:  copy-engine mode: per peer, memcpy staging -> peer region, then memcpy the send_seq
-//          word -> the peer's flag (stream order puts the flag after the data).
-//   hook:  E = send_seq (the host orders the hook after its pack and the next pack of the slot
-//          waits for this hook's ack, so E is this operation's count); wait until every
-//          flags[k][s][src] >= E; unpack; last block writes acks[k][s][me] = E at every source.
+//          send_seq = n, and flags[k][s][me] = n at every rank the kernel itself wrote to (every
+//          peer in kDirect mode, only this rank in kStaged mode).
+//   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then a stream
+//          write of the constant 1 to the peer's ce_flags[k][s][me] (stream order lands it after
+//          the rows). A constant, not the use count: a CUDA graph replays the values it captured.
+//   hook:  E = send_seq (the host orders the hook after its pack, and the next pack of the slot
+//          waits for this hook's ack, so E is this operation's count); wait until every source
+//          arrived: ce_flags[k][s][src] == 1 for copy-engine peers, flags[k][s][src] >= E for the
+//          others; unpack; last block resets the ce_flags it waited on, then writes
+//          acks[k][s][me] = E at every source. A peer raises its ce_flag again only after that
+//          ack, so a 1 is never left over from the previous use.
 #pragma once
 
 #include "intranode.cuh"
@@ -45,7 +52,9 @@ constexpr int64_t kFlagsOffset = 8192;
 constexpr int64_t kAcksOffset = kFlagsOffset + 2 * kMaxSlots * 32 * 8;
 constexpr int64_t kSendSeqOffset = kAcksOffset + 2 * kMaxSlots * 32 * 8;
 constexpr int64_t kDoneOffset = kSendSeqOffset + 2 * kMaxSlots * 8;
+constexpr int64_t kCeFlagsOffset = kDoneOffset + 2 * kMaxSlots * 2 * 4;
 constexpr int64_t kSignalBytes = 20480;  // zeroed prefix; receive slots start here
+static_assert(kCeFlagsOffset + 2 * kMaxSlots * 32 * 4 <= kSignalBytes, "low-latency signals overflow");
 
 enum Kind : int { kDispatch = 0, kCombine = 1 };
 // Status "kind" values (intranode uses 1..3).
@@ -53,7 +62,8 @@ enum StatusKind : int { kDispatchSend = 5, kDispatchRecv = 6, kCombineSend = 7, 
 // mode: where the pack kernel writes rows.
 enum Mode : int {
   kDirect = 0,      // SM stores straight into peers' receive regions, flags by the kernel
-  kStaged = 1,      // local staging per peer (copy engines send it); own rows go straight home
+  kStaged = 1,      // local staging per peer (copy engines send it, ce_flags say it landed); own rows go
+                    // straight home
   kStagedAll = 2,   // local staging for every rank including this one (NCCL all_to_all sends it)
 };
 
@@ -68,6 +78,9 @@ __host__ __device__ constexpr int64_t send_seq_offset(int kind, int slot) {
 }
 __host__ __device__ constexpr int64_t done_offset(int kind, int slot, int which) {
   return kDoneOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 2 + which) * 4;
+}
+__host__ __device__ constexpr int64_t ce_flag_offset(int kind, int slot, int src) {
+  return kCeFlagsOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 32 + src) * 4;
 }
 
 struct Common {
@@ -88,7 +101,16 @@ struct Common {
   int num_local_experts = 1;
   uint64_t timeout_ns = 0;
   int* status_host = nullptr;           // host-mapped status words (intranode layout)
+  // Diagnostics (OVERLAP_LL_STAMPS=1): [2][kMaxStampBlocks][kStampWords] globaltimer stamps, one
+  // row per block, pack kernels in the first half and hooks in the second; null = off.
+  uint64_t* stamps = nullptr;
 };
+
+constexpr int kStampWords = 8;
+constexpr int kMaxStampBlocks = 4096;
+// Stamp phases: block start, prologue done (slot free / data arrived), set-up done (routing or
+// header scan), rows written, epilogue (before the last-block count), block end.
+enum StampPhase : int { kStampStart = 0, kStampPrologue, kStampSetup, kStampRows, kStampEpilogue, kStampEnd };
 
 struct DispatchSendParams {
   Common c;
@@ -113,6 +135,7 @@ struct DispatchRecvParams {
   int* row_expert = nullptr;            // [num_ranks * max_tokens, topk]: local expert or -1
   float* row_weight = nullptr;          // [num_ranks * max_tokens, topk]
   int* src_counts = nullptr;            // [num_ranks]: rows received from each source
+  int parts = 1;                        // blocks per local expert (set by the launcher)
 };
 
 struct CombineSendParams {

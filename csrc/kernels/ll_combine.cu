@@ -10,25 +10,30 @@ namespace {
 using namespace dev;
 constexpr int kIters = kChunk / 256;
 
+constexpr int kRowsPerStep = 4;   // rows whose loads are in flight together
+
 // acc += w_k * row_k[c0, c0 + kChunk) over the rows the warp-uniform mask `todo` selects, in
-// ascending k, two rows' loads in flight per step (a loop of one row per step paid a full
-// memory round trip per row). `row(k)` returns the row's first channel and its weight; it may
-// shuffle, so every lane calls it. kCoherent: the rows were written by another GPU (L2 loads);
-// otherwise they are read-only for the kernel's lifetime (the non-coherent path).
+// ascending k, kRowsPerStep rows' loads in flight per step (one row per step paid a full memory
+// round trip per row; at top-8 a rank rarely holds more than 4 of a token's experts). `row(k)`
+// returns the row's first channel and its weight; it may shuffle, so every lane calls it.
+// kCoherent: the rows were written by another GPU (L2 loads); otherwise they are read-only for
+// the kernel's lifetime (the non-coherent path).
 template <bool kCoherent, typename RowFn>
 __device__ __forceinline__ void accumulate_rows(unsigned todo, RowFn row, int64_t c0, int64_t H, int lane,
                                                 float (&acc)[kIters][8]) {
   while (todo != 0) {
-    const int k0 = __ffs(todo) - 1;
-    todo &= todo - 1;
-    const int k1 = todo != 0 ? __ffs(todo) - 1 : -1;
-    if (k1 >= 0) todo &= todo - 1;
-    int4 v[2][kIters];
-    float w[2];
+    int ks[kRowsPerStep];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool use = h == 0 || k1 >= 0;
-      const auto [src, weight] = row(h == 0 || k1 < 0 ? k0 : k1);
+    for (int h = 0; h < kRowsPerStep; ++h) {
+      ks[h] = todo != 0 ? __ffs(todo) - 1 : -1;
+      todo &= todo - 1;   // 0 stays 0
+    }
+    int4 v[kRowsPerStep][kIters];
+    float w[kRowsPerStep];
+#pragma unroll
+    for (int h = 0; h < kRowsPerStep; ++h) {
+      const bool use = ks[h] >= 0;
+      const auto [src, weight] = row(use ? ks[h] : ks[0]);
       w[h] = weight;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
@@ -38,8 +43,8 @@ __device__ __forceinline__ void accumulate_rows(unsigned todo, RowFn row, int64_
       }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (h == 1 && k1 < 0) break;
+    for (int h = 0; h < kRowsPerStep; ++h) {
+      if (ks[h] < 0) break;
 #pragma unroll
       for (int it = 0; it < kIters; ++it) {
         float f[8];
@@ -56,54 +61,69 @@ struct RowRef {
   float weight;
 };
 
+// Lane k < K: entry k of received row j (local expert, weight, row in the expert's block).
+struct RowEntry {
+  int expert = -1;
+  int pos = 0;
+  float weight = 0.f;
+};
+
+__device__ __forceinline__ RowEntry load_entry(const CombineSendParams& p, int64_t j, int lane) {
+  RowEntry r;
+  if (lane < p.c.topk && j < static_cast<int64_t>(p.c.num_ranks) * p.c.max_tokens) {
+    const int64_t i = j * p.c.topk + lane;
+    r.expert = p.row_expert[i];
+    r.pos = p.row_pos[i];
+    r.weight = p.row_weight[i];
+  }
+  return r;
+}
+
 __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendParams p) {
   __shared__ uint64_t s_n;
   __shared__ int s_flag;
   __shared__ int s_src[kMaxRanks];
   const Common& c = p.c;
-  if (!pack_begin(c, kCombineSend, &s_n, &s_flag)) return;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, K = c.topk;
-  if (tid < c.num_ranks) s_src[tid] = p.src_counts[tid];
-  __syncthreads();
-  const int64_t M = c.max_tokens, H = c.hidden, rows = c.num_ranks * M;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int M = static_cast<int>(c.max_tokens), rows = c.num_ranks * M;
+  const int64_t H = c.hidden;
   const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
+  const int task_stride = static_cast<int>(gridDim.x) * (kSendThreads / 32);
+  // Inputs first (the dispatch hook wrote them; they do not depend on the slot being free), so
+  // their round trip overlaps the prologue's.
+  const int src_count = tid < c.num_ranks ? p.src_counts[tid] : 0;
+  int task = static_cast<int>(blockIdx.x) * (kSendThreads / 32) + warp;
+  RowEntry entry = load_entry(p, task / chunks, lane);
+  if (!pack_begin(c, kCombineSend, &s_n, &s_flag)) return;
+  if (tid < c.num_ranks) s_src[tid] = src_count;
+  __syncthreads();
+  stamp(c, 0, kStampSetup);
   const __nv_bfloat16* y = static_cast<const __nv_bfloat16*>(p.y);
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * (kSendThreads / 32) + warp; task < rows * chunks;
-       task += static_cast<int64_t>(gridDim.x) * (kSendThreads / 32)) {
-    const int64_t j = task / chunks;
-    const int r = static_cast<int>(j / M);
-    const int64_t i = j % M;
+  for (bool first = true; task < rows * chunks; task += task_stride, first = false) {
+    const int j = task / chunks;
+    if (!first) entry = load_entry(p, j, lane);
+    const int r = j / M, i = j - r * M;
     if (i >= s_src[r]) continue;
     const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
-    // Lane k holds entry k of the row (local expert, weight, row in the expert's block): one
-    // round of loads for all k, where a loop over k paid K dependent round trips.
-    int e_l = -1, pos_l = 0;
-    float w_l = 0.f;
-    if (lane < K) {
-      e_l = p.row_expert[j * K + lane];
-      if (e_l >= 0) {
-        w_l = p.row_weight[j * K + lane];
-        pos_l = p.row_pos[j * K + lane];
-      }
-    }
-    const unsigned todo = __ballot_sync(0xffffffffu, e_l >= 0);   // the k with a local expert
+    const unsigned todo = __ballot_sync(0xffffffffu, entry.expert >= 0);   // the k with a local expert
     float acc[kIters][8];
 #pragma unroll
     for (int it = 0; it < kIters; ++it)
 #pragma unroll
       for (int u = 0; u < 8; ++u) acc[it][u] = 0.f;
     accumulate_rows<false>(todo, [&](int k) {
-      const int e = __shfl_sync(0xffffffffu, e_l, k);
-      const int pos = __shfl_sync(0xffffffffu, pos_l, k);
-      return RowRef{y + (static_cast<int64_t>(e) * rows + pos) * H, __shfl_sync(0xffffffffu, w_l, k)};
+      const int e = __shfl_sync(0xffffffffu, entry.expert, k);
+      const int pos = __shfl_sync(0xffffffffu, entry.pos, k);
+      return RowRef{y + (static_cast<int64_t>(e) * rows + pos) * H, __shfl_sync(0xffffffffu, entry.weight, k)};
     }, c0, H, lane, acc);
-    char* dst = send_region(c, r) + kRegionHeader + i * c.row_stride;
+    char* dst = send_region(c, r) + kRegionHeader + static_cast<int64_t>(i) * c.row_stride;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int64_t ch = c0 + (it * 32 + lane) * 8;
       if (ch < H) reinterpret_cast<int4*>(dst)[ch / 8] = pack8(acc[it]);
     }
   }
+  stamp(c, 0, kStampRows);
   pack_end(c, s_n, &s_flag);
 }
 
@@ -111,15 +131,22 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
   __shared__ uint64_t s_e;
   __shared__ int s_flag;
   const Common& c = p.c;
-  if (!hook_begin(c, p.wait_flags != 0, kCombineRecv, &s_e, &s_flag)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, W = c.num_ranks;
   const int64_t H = c.hidden;
   const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
+  const int num_tasks = p.num_tokens * chunks;
+  const int task_stride = static_cast<int>(gridDim.x) * (kSendThreads / 32);
+  // The dispatch's token slots are local and final: load them before waiting for arrival.
+  int task = static_cast<int>(blockIdx.x) * (kSendThreads / 32) + warp;
+  int my_slot = lane < W && task < num_tasks ? p.token_slot[(task / chunks) * W + lane] : -1;
+  const bool wait_flags = p.wait_flags != 0;
+  if (!hook_begin(c, wait_flags, kCombineRecv, &s_e, &s_flag)) return;
+  stamp(c, 1, kStampSetup);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * (kSendThreads / 32) + warp;
-       task < static_cast<int64_t>(p.num_tokens) * chunks; task += static_cast<int64_t>(gridDim.x) * (kSendThreads / 32)) {
-    const int64_t t = task / chunks, c0 = (task % chunks) * kChunk;
-    const int my_slot = lane < W ? p.token_slot[t * W + lane] : -1;
+  for (bool first = true; task < num_tasks; task += task_stride, first = false) {
+    const int t = task / chunks;
+    const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
+    if (!first) my_slot = lane < W ? p.token_slot[t * W + lane] : -1;
     const unsigned from = __ballot_sync(0xffffffffu, my_slot >= 0);
     float acc[kIters][8];
 #pragma unroll
@@ -135,10 +162,11 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int64_t ch = c0 + (it * 32 + lane) * 8;
-      if (ch < H) reinterpret_cast<int4*>(out + t * H)[ch / 8] = pack8(acc[it]);
+      if (ch < H) reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H)[ch / 8] = pack8(acc[it]);
     }
   }
-  hook_end(c, s_e, &s_flag);
+  stamp(c, 1, kStampRows);
+  hook_end(c, wait_flags, s_e, &s_flag);
 }
 
 int grid_for(int64_t warps) {

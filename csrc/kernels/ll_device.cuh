@@ -16,10 +16,22 @@ namespace idev = ::overlap::intranode::dev;
 
 constexpr int kSendThreads = 128;   // 4 warps: many small blocks spread the pack over SMs
 constexpr int kUnpackThreads = 512;
-constexpr int kCopyUnroll = 4;     // 16-byte loads in flight per thread in the unpack copies
+constexpr int kCopyUnroll = 8;     // 16-byte loads in flight per thread in the unpack copies (64 KiB a block)
 
 __device__ __forceinline__ uint64_t* word(int64_t base, int64_t offset) {
   return reinterpret_cast<uint64_t*>(base + offset);
+}
+
+// The region this rank received from `src` for the current slot.
+__device__ __forceinline__ const char* recv_region(const Common& c, int src) {
+  return reinterpret_cast<const char*>(c.my_base + c.slot_offset + src * c.region_stride);
+}
+
+// Diagnostics: thread 0 stamps the global timer for this block and phase (see ll.cuh).
+__device__ __forceinline__ void stamp(const Common& c, int hook, int phase) {
+  if (c.stamps != nullptr && threadIdx.x == 0 && blockIdx.x < kMaxStampBlocks) {
+    c.stamps[(static_cast<int64_t>(hook) * kMaxStampBlocks + blockIdx.x) * kStampWords + phase] = idev::global_timer_ns();
+  }
 }
 
 __device__ __forceinline__ void fail(const Common& c, int code, int peer, int status_kind, uint64_t seq) {
@@ -28,92 +40,155 @@ __device__ __forceinline__ void fail(const Common& c, int code, int peer, int st
   idev::record_failure(ip, c.my_base, seq, code, peer, status_kind);
 }
 
-// Every thread: true when an earlier failure on this GPU left the peers out of step.
-__device__ __forceinline__ bool sticky(const Common& c, int* s_flag) {
-  return idev::block_sees_sticky_error(c.my_base, s_flag);
+__device__ __forceinline__ uint32_t* word32(int64_t base, int64_t offset) {
+  return reinterpret_cast<uint32_t*>(base + offset);
 }
 
-// Threads r < num_ranks wait until the word at base(r) + offset(r) reaches `want`. Returns false
-// for the whole block (after recording) when any wait timed out.
-template <typename AddrFn>
-__device__ inline bool wait_words(const Common& c, AddrFn addr, uint64_t want, int code, int status_kind,
-                                  int* s_fail) {
-  if (threadIdx.x == 0) *s_fail = 0;
+__device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Spins until ready() (which reads with acquire loads) holds; false once timeout_ns passed. A
+// first check that succeeds costs one load and no timer read.
+template <typename ReadyFn>
+__device__ __forceinline__ bool spin_until(ReadyFn ready, uint64_t timeout_ns) {
+  if (ready()) return true;
+  const uint64_t deadline = idev::global_timer_ns() + timeout_ns;
+  while (!ready()) {
+    if (idev::global_timer_ns() > deadline) return false;
+  }
+  return true;
+}
+
+// Pack prologue, one memory round trip when nothing has to wait: thread 0 reads the sticky error
+// word; threads d < num_ranks read this slot's send count and d's ack of the previous use, and
+// wait until d acked it (d consumed the previous use). Loads the caller issued before this call
+// (inputs, which do not depend on the slot being free) overlap it. s_n = this use's count.
+__device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_n, int* s_flag) {
+  const int tid = threadIdx.x;
+  stamp(c, 0, kStampStart);
+  if (tid == 0) *s_flag = 0;
   __syncthreads();
-  if (threadIdx.x < c.num_ranks) {
-    const uint64_t* w = addr(static_cast<int>(threadIdx.x));
-    const uint64_t deadline = idev::global_timer_ns() + c.timeout_ns;
-    while (idev::ld_acquire_sys(w) < want) {
-      if (idev::global_timer_ns() > deadline) {
-        fail(c, code, threadIdx.x, status_kind, want);
-        atomicExch(s_fail, 1);
-        break;
-      }
+  if (tid < c.num_ranks) {
+    const int err = tid == 0 ? idev::ld_volatile(reinterpret_cast<const int*>(c.my_base + intranode::kErrorOffset)) : 0;
+    const uint64_t seq = idev::ld_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)));
+    const uint64_t* ack = word(c.my_base, ack_offset(c.kind, c.slot, tid));
+    const uint64_t first = idev::ld_acquire_sys(ack);   // in flight beside the two loads above
+    if (tid == 0) *s_n = seq + 1;
+    if (err != 0) {
+      atomicExch(s_flag, 1);   // an earlier failure left the peers out of step: do nothing
+    } else if (first < seq && !spin_until([&] { return idev::ld_acquire_sys(ack) >= seq; }, c.timeout_ns)) {
+      fail(c, intranode::kReadyTimeout, tid, status_kind, seq + 1);
+      atomicExch(s_flag, 1);
     }
   }
   __syncthreads();
-  return *s_fail == 0;
+  stamp(c, 0, kStampPrologue);
+  return *s_flag == 0;
 }
 
-// Pack prologue: the use count n of this slot, after every destination acked use n - 1.
-__device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_n, int* s_flag) {
-  if (sticky(c, s_flag)) return false;
-  if (threadIdx.x == 0) *s_n = *reinterpret_cast<volatile uint64_t*>(c.my_base + send_seq_offset(c.kind, c.slot)) + 1;
-  __syncthreads();
-  const uint64_t n = *s_n;
-  return wait_words(
-      c, [&](int d) { return word(c.my_base, ack_offset(c.kind, c.slot, d)); }, n - 1, intranode::kReadyTimeout,
-      status_kind, s_flag);
-}
-
-// True in thread 0 of the last block to get here (all blocks' writes are then visible GPU-
-// and system-wide); that block also resets the counter for the next use.
+// True in thread 0 of the last block to get here; that block also resets the counter for the
+// next use. `which`: 0 = pack, 1 = hook.
+//
+// Only SM stores to peers (kDirect) need a fence before the count: the flag raised after them
+// must not overtake them. Elsewhere nothing needs one, and a per-block fence (each waiting for
+// its block's stores to drain, then the count's round trip) cost microseconds per kernel: what a
+// pack wrote locally is ordered for later work by the kernel boundary (the copies and the hook
+// run after it); what a hook read was consumed (stored) before the block's barrier, so it is
+// read before the count, and the acks that follow leave after a system-scope fence.
 __device__ inline bool last_block(const Common& c, int which, int* s_flag) {
   __syncthreads();
+  stamp(c, which, kStampEpilogue);
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    if (c.mode == kDirect) __threadfence_system();
     unsigned* ctr = reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, which));
     const unsigned prev = atomicAdd(ctr, 1u);
     *s_flag = prev == gridDim.x - 1;
-    if (*s_flag) {
-      *ctr = 0;
-      __threadfence_system();
-    }
+    if (*s_flag) *ctr = 0;
   }
   __syncthreads();
-  return threadIdx.x == 0 && *s_flag;
+  const bool last = threadIdx.x == 0 && *s_flag;
+  if (!*s_flag) stamp(c, which, kStampEnd);
+  return last;
 }
 
 // Pack epilogue (last block): publish n as this rank's send count of the slot; SM-driven sends
 // also raise the flags themselves (own rows in kStaged mode are local stores too).
 __device__ inline void pack_end(const Common& c, uint64_t n, int* s_flag) {
   if (!last_block(c, 0, s_flag)) return;
-  idev::st_release_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)), n);
+  // One fence, then plain stores (a release store per word fenced each time): device scope
+  // where every word written is this GPU's, system scope where flags go to peers (kDirect).
+  if (c.mode == kDirect) {
+    __threadfence_system();
+  } else {
+    __threadfence();
+  }
+  idev::st_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)), n);
   for (int d = 0; d < c.num_ranks; ++d) {
-    if (c.mode == kDirect || (c.mode == kStaged && d == c.rank)) {
-      idev::st_release_sys(word(c.peer_bases[d], flag_offset(c.kind, c.slot, c.rank)), n);
+    if ((d == c.rank && c.mode != kStagedAll) || c.mode == kDirect) {
+      idev::st_relaxed_sys(word(c.peer_bases[d], flag_offset(c.kind, c.slot, c.rank)), n);
     }
   }
+  stamp(c, 0, kStampEnd);
 }
 
-// Hook prologue: E = this operation's use count; with wait_flags, wait until all sources sent it.
-__device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_kind, uint64_t* s_e, int* s_flag) {
-  if (sticky(c, s_flag)) return false;
-  if (threadIdx.x == 0) *s_e = *reinterpret_cast<volatile uint64_t*>(c.my_base + send_seq_offset(c.kind, c.slot));
+// Copy-engine peers announce arrival with ce_flags (a constant 1); the rest with counting flags.
+__device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) { return c.mode == kStaged && src != c.rank; }
+
+// Hook prologue: E = this operation's use count; with wait_flags, threads r < num_ranks wait
+// until source r's rows arrived. Thread 0 also reads the sticky error word in the same round.
+// With s_count, thread r then reads the row count of r's region into s_count[r].
+__device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_kind, uint64_t* s_e, int* s_flag,
+                                  int* s_count = nullptr) {
+  const int tid = threadIdx.x;
+  stamp(c, 1, kStampStart);
+  if (tid == 0) *s_flag = 0;
   __syncthreads();
-  if (!wait_flags) return true;
-  const uint64_t e = *s_e;
-  return wait_words(
-      c, [&](int r) { return word(c.my_base, flag_offset(c.kind, c.slot, r)); }, e, intranode::kDataTimeout,
-      status_kind, s_flag);
+  if (tid < c.num_ranks) {
+    const int err = tid == 0 ? idev::ld_volatile(reinterpret_cast<const int*>(c.my_base + intranode::kErrorOffset)) : 0;
+    const uint64_t e = idev::ld_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)));
+    if (tid == 0) *s_e = e;
+    bool ok = true;
+    if (err != 0) {
+      atomicExch(s_flag, 1);
+      ok = false;
+    } else if (wait_flags) {
+      if (uses_ce_flag(c, tid)) {
+        const uint32_t* f = word32(c.my_base, ce_flag_offset(c.kind, c.slot, tid));
+        ok = spin_until([&] { return ld_acquire_sys_u32(f) != 0u; }, c.timeout_ns);
+      } else {
+        const uint64_t* f = word(c.my_base, flag_offset(c.kind, c.slot, tid));
+        ok = spin_until([&] { return idev::ld_acquire_sys(f) >= e; }, c.timeout_ns);
+      }
+      if (!ok) {
+        fail(c, intranode::kDataTimeout, tid, status_kind, e);
+        atomicExch(s_flag, 1);
+      }
+    }
+    if (ok && s_count != nullptr) s_count[tid] = __ldcg(reinterpret_cast<const int*>(recv_region(c, tid)));
+  }
+  __syncthreads();
+  stamp(c, 1, kStampPrologue);
+  return *s_flag == 0;
 }
 
-// Hook epilogue (last block): tell every source its rows in this slot were consumed.
-__device__ inline void hook_end(const Common& c, uint64_t e, int* s_flag) {
+// Hook epilogue (last block): clear the copy-engine arrival flags it waited on, then tell every
+// source its rows in this slot were consumed (the release orders the clears before the acks, and
+// a source raises its flag again only after seeing the ack).
+__device__ inline void hook_end(const Common& c, bool wait_flags, uint64_t e, int* s_flag) {
   if (!last_block(c, 1, s_flag)) return;
-  for (int r = 0; r < c.num_ranks; ++r) {
-    idev::st_release_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), e);
+  if (wait_flags) {
+    for (int r = 0; r < c.num_ranks; ++r) {
+      if (uses_ce_flag(c, r)) *reinterpret_cast<volatile uint32_t*>(word32(c.my_base, ce_flag_offset(c.kind, c.slot, r))) = 0u;
+    }
   }
+  __threadfence_system();   // one fence for all acks (a release store per ack fenced each time)
+  for (int r = 0; r < c.num_ranks; ++r) {
+    idev::st_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), e);
+  }
+  stamp(c, 1, kStampEnd);
 }
 
 // The region of rows this rank sends to `dest` for the current slot, as the pack writes it.
@@ -123,10 +198,6 @@ __device__ __forceinline__ char* send_region(const Common& c, int dest) {
   return reinterpret_cast<char*>(c.staging + dest * c.region_stride);
 }
 
-// The region this rank received from `src` for the current slot.
-__device__ __forceinline__ const char* recv_region(const Common& c, int src) {
-  return reinterpret_cast<const char*>(c.my_base + c.slot_offset + src * c.region_stride);
-}
 
 // 8 bf16 <-> fp32
 __device__ __forceinline__ void unpack8(const int4& v, float* f) {

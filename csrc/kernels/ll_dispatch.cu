@@ -8,19 +8,27 @@ namespace {
 
 using namespace dev;
 
-// Which ranks token t goes to (bit d: one of its experts lives on rank d). All k ids are loaded
-// before any is tested: testing each as it arrives cost one memory round trip per k.
-__device__ __forceinline__ uint32_t token_mask(const DispatchSendParams& p, int t) {
-  const int K = p.c.topk, L = p.c.num_local_experts;
-  const int64_t num_experts = static_cast<int64_t>(L) * p.c.num_ranks;   // <= 2^30 (checked at launch)
-  int64_t ids[kMaxTopk];
+constexpr int kIters = kChunk / 256;   // 16-byte words per lane of a 1024-channel chunk
+
+// The k routing ids of token t (-1 past K, or for t outside the batch). All k loads are issued
+// before any is used: testing each as it arrived cost one memory round trip per k.
+__device__ __forceinline__ void load_ids(const DispatchSendParams& p, int t, int64_t (&ids)[kMaxTopk]) {
+  const int K = p.c.topk;
 #pragma unroll
-  for (int k = 0; k < kMaxTopk; ++k) ids[k] = k < K ? p.topk_idx[static_cast<int64_t>(t) * K + k] : -1;
+  for (int k = 0; k < kMaxTopk; ++k) {
+    ids[k] = (t < p.num_tokens && k < K) ? p.topk_idx[static_cast<int64_t>(t) * K + k] : -1;
+  }
+}
+
+// Which ranks a token goes to (bit d: one of its experts lives on rank d).
+__device__ __forceinline__ uint32_t rank_mask(const DispatchSendParams& p, const int64_t (&ids)[kMaxTopk]) {
+  const int L = p.c.num_local_experts;
+  const int64_t num_experts = static_cast<int64_t>(L) * p.c.num_ranks;   // <= 2^30 (checked at launch)
   uint32_t m = 0;
 #pragma unroll
   for (int k = 0; k < kMaxTopk; ++k) {
     // Ids outside [0, E) are ignored like -1 (the Python side validates them when it may sync).
-    if (ids[k] >= 0 && ids[k] < num_experts) m |= 1u << (static_cast<int>(ids[k]) / L);
+    if (ids[k] >= 0 && ids[k] < num_experts) m |= 1u << (static_cast<int>(ids[k]) / L);   // 32-bit division
   }
   return m;
 }
@@ -34,6 +42,52 @@ __device__ __forceinline__ int slot_of(const uint32_t* s_mask, const int* s_chun
   return pos;
 }
 
+// What one warp task (token t, channels [c0, c0 + kChunk)) reads: the values, and in lane k < K
+// the token's k-th routing entry (for the row header).
+struct TaskInputs {
+  int4 v[kIters];
+  int64_t expert = -1;
+  float weight = 0.f;
+};
+
+__device__ __forceinline__ void load_task(const DispatchSendParams& p, int task, int chunks, int lane,
+                                          TaskInputs& in) {
+  const int64_t H = p.c.hidden;
+  const int t = static_cast<int>(task / chunks);
+  const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  const bool live = task < p.num_tokens * chunks;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t ch = c0 + (it * 32 + lane) * 8;
+    in.v[it] = live && ch < H ? __ldg(reinterpret_cast<const int4*>(x + t * H + ch)) : make_int4(0, 0, 0, 0);
+  }
+  const bool entry = live && c0 == 0 && lane < p.c.topk;
+  in.expert = entry ? p.topk_idx[static_cast<int64_t>(t) * p.c.topk + lane] : -1;
+  in.weight = entry ? p.topk_weights[static_cast<int64_t>(t) * p.c.topk + lane] : 0.f;
+}
+
+// e4m3 values of 8 channels (as an int2) and the scale of the lane's 128-channel block (16 lanes).
+__device__ __forceinline__ int2 quantise8(const int4& v, float* scale) {
+  float f[8];
+  unpack8(v, f);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  *scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+  const float inv = __frcp_rn(*scale);
+  __nv_fp8x2_storage_t pairs[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[2 * i], inv), __fmul_rn(f[2 * i + 1], inv)),
+                                        __NV_SATFINITE, __NV_E4M3);
+  }
+  return make_int2(static_cast<int>(pairs[0] | (static_cast<uint32_t>(pairs[1]) << 16)),
+                   static_cast<int>(pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16)));
+}
+
 __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSendParams p) {
   __shared__ uint32_t s_mask[kMaxTokens];
   __shared__ int s_chunk[(kMaxTokens / 32) * kMaxRanks];  // exclusive prefix per 32-token chunk
@@ -41,11 +95,26 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSen
   __shared__ uint64_t s_n;
   __shared__ int s_flag;
   const Common& c = p.c;
-  if (!pack_begin(c, kDispatchSend, &s_n, &s_flag)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = c.num_ranks, T = p.num_tokens;
+  const int64_t H = c.hidden;
+  const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
+  const int num_tasks = T * chunks;
+  const int task_stride = static_cast<int>(gridDim.x) * (kSendThreads / 32);
+
+  // The inputs do not depend on the slot being free, so their loads go out before the prologue's
+  // and the two round trips overlap: this thread's first token's ids, this warp's first task.
+  int64_t ids[kMaxTopk];
+  load_ids(p, tid, ids);
+  int task = static_cast<int>(blockIdx.x) * (kSendThreads / 32) + warp;
+  TaskInputs in;
+  load_task(p, task, chunks, lane, in);
+  if (!pack_begin(c, kDispatchSend, &s_n, &s_flag)) return;
 
   // Routing slots, recomputed by every block (a few KB of topk_idx from L2) so no grid sync is needed.
-  for (int t = tid; t < T; t += blockDim.x) s_mask[t] = token_mask(p, t);
+  for (int t = tid; t < T; t += blockDim.x) {
+    if (t != tid) load_ids(p, t, ids);
+    s_mask[t] = rank_mask(p, ids);
+  }
   __syncthreads();
   const int num_chunks = (T + 31) / 32;
   for (int ch = warp; ch < num_chunks; ch += blockDim.x / 32) {
@@ -72,59 +141,32 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSen
     for (int i = tid; i < T * W; i += blockDim.x) p.token_slot[i] = slot_of(s_mask, s_chunk, W, i / W, i % W);
   }
 
+  stamp(c, 0, kStampSetup);
   // Rows: one warp per (token, 1024-channel chunk).
-  const int64_t H = c.hidden;
-  const int chunks = static_cast<int>((H + kChunk - 1) / kChunk);
-  const int64_t num_tasks = static_cast<int64_t>(T) * chunks;
-  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
-  for (int64_t task = static_cast<int64_t>(blockIdx.x) * (kSendThreads / 32) + warp; task < num_tasks;
-       task += static_cast<int64_t>(gridDim.x) * (kSendThreads / 32)) {
-    const int t = static_cast<int>(task / chunks), ck = static_cast<int>(task % chunks);
+  for (bool first = true; task < num_tasks; task += task_stride, first = false) {
+    if (!first) load_task(p, task, chunks, lane, in);
+    const int t = static_cast<int>(task / chunks);
+    const int64_t c0 = static_cast<int64_t>(task % chunks) * kChunk;
     const int my_slot = lane < W ? slot_of(s_mask, s_chunk, W, t, lane) : -1;
     const unsigned dests = __ballot_sync(0xffffffffu, my_slot >= 0);
     if (dests == 0) continue;
-    const int64_t c0 = static_cast<int64_t>(ck) * kChunk;
-    constexpr int kIters = kChunk / 256;  // 32 lanes x 8 channels per iteration
-    int4 v[kIters];
     int2 q[kIters];
     float scale[kIters];
-#pragma unroll
-    for (int it = 0; it < kIters; ++it) {
-      const int64_t ch = c0 + (it * 32 + lane) * 8;
-      v[it] = ch < H ? __ldg(reinterpret_cast<const int4*>(x + t * H + ch)) : make_int4(0, 0, 0, 0);
-    }
     if (p.fp8) {
 #pragma unroll
-      for (int it = 0; it < kIters; ++it) {
-        float f[8];
-        unpack8(v[it], f);
-        float amax = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-        for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        scale[it] = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
-        const float inv = __frcp_rn(scale[it]);
-        __nv_fp8x2_storage_t pairs[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[2 * i], inv), __fmul_rn(f[2 * i + 1], inv)),
-                                              __NV_SATFINITE, __NV_E4M3);
-        }
-        q[it].x = static_cast<int>(pairs[0] | (static_cast<uint32_t>(pairs[1]) << 16));
-        q[it].y = static_cast<int>(pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16));
-      }
+      for (int it = 0; it < kIters; ++it) q[it] = quantise8(in.v[it], &scale[it]);
     }
     for (unsigned m = dests; m != 0; m &= m - 1) {
       const int d = __ffs(m) - 1;
       const int row = __shfl_sync(0xffffffffu, my_slot, d);
       char* dst = send_region(c, d) + kRegionHeader + static_cast<int64_t>(row) * c.row_stride;
-      if (ck == 0 && lane < c.topk) {
-        const int64_t e = p.topk_idx[static_cast<int64_t>(t) * c.topk + lane];
-        const bool here = e >= 0 && e / c.num_local_experts == d;
-        const float w = here ? p.topk_weights[static_cast<int64_t>(t) * c.topk + lane] : 0.f;
-        reinterpret_cast<int2*>(dst)[lane] =
-            make_int2(here ? static_cast<int>(e % c.num_local_experts) : -1, __float_as_int(w));
+      if (c0 == 0 && lane < c.topk) {
+        const int64_t num_experts = static_cast<int64_t>(c.num_local_experts) * W;
+        const int ex = in.expert >= 0 && in.expert < num_experts ? static_cast<int>(in.expert) : -1;
+        const int owner = ex >= 0 ? ex / c.num_local_experts : -1;
+        const bool here = owner == d;
+        reinterpret_cast<int2*>(dst)[lane] = make_int2(here ? ex - owner * c.num_local_experts : -1,
+                                                       __float_as_int(here ? in.weight : 0.f));
       }
       char* payload = dst + p.header_bytes;
 #pragma unroll
@@ -135,41 +177,69 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSen
           reinterpret_cast<int2*>(payload)[ch / 8] = q[it];
           if ((lane & 15) == 0) reinterpret_cast<float*>(payload + H)[ch / kFp8Block] = scale[it];
         } else {
-          reinterpret_cast<int4*>(payload)[ch / 8] = v[it];
+          reinterpret_cast<int4*>(payload)[ch / 8] = in.v[it];
         }
       }
     }
   }
+  stamp(c, 0, kStampRows);
   pack_end(c, s_n, &s_flag);
 }
 
-// One block per local expert: finds the rows routed to it (ordered by source rank, then source
-// token), copies them into its block of recv_x and records where each (row, k) went.
-__global__ void __launch_bounds__(kUnpackThreads) dispatch_recv_kernel(DispatchRecvParams p) {
+// The hook. Blocks (e, part): `parts` blocks per local expert e, so the grid covers the GPU when
+// there are few local experts. Each block scans every received row header (one 16-byte-vector
+// round trip, from L2), ranks the rows routed to e (by source rank, then source token), and
+// copies its share of them into e's block of recv_x, then the FP8 scales. Part 0 records where
+// each (row, k) went; the owner block of row j (j mod grid) writes the row's other per-row
+// metadata from the header it loaded anyway. Index arithmetic is 32-bit and the copy loop
+// divides nothing: with 64-bit divisions per 16-byte word the copy was instruction-bound
+// (~14 GB/s per SM).
+__global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(DispatchRecvParams p) {
   __shared__ uint64_t s_e;
   __shared__ int s_flag;
   __shared__ int s_n[kMaxRanks];
   __shared__ int s_warp[kUnpackThreads / 32 + 1];
   __shared__ const int4* s_src[kUnpackThreads];   // payload of each row found in this window
   const Common& c = p.c;
-  if (!hook_begin(c, p.wait_flags != 0, kDispatchRecv, &s_e, &s_flag)) return;
+  const bool wait_flags = p.wait_flags != 0;
+  if (!hook_begin(c, wait_flags, kDispatchRecv, &s_e, &s_flag, s_n)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = c.num_ranks, K = c.topk;
-  const int e = blockIdx.x;
-  const int64_t M = c.max_tokens, rows = W * M, H = c.hidden, L = c.num_local_experts;
-  if (tid < W) s_n[tid] = __ldcg(reinterpret_cast<const int*>(recv_region(c, tid)));
-  __syncthreads();
-  auto row_ptr = [&](int64_t j) {
-    return recv_region(c, static_cast<int>(j / M)) + kRegionHeader + (j % M) * c.row_stride;
-  };
+  const int parts = p.parts, e = blockIdx.x / parts, part = blockIdx.x % parts;
+  const int M = static_cast<int>(c.max_tokens), rows = W * M;
+  const int64_t H = c.hidden;
+  const int x_words = static_cast<int>(p.fp8 ? H / 16 : H / 8);   // 16-byte words of values per row
+  const int scales = p.fp8 ? static_cast<int>(H / kFp8Block) : 0;  // fp32 scales per row
+  // Copy threads: all but warp 0, whose thread 0 may run the epilogue; its system-scope release
+  // then need not wait for a share of the copy's stores to drain.
+  const int copy_threads = kUnpackThreads - 32, ctid = tid - 32;
+  const int step_rows = copy_threads / x_words, step_words = copy_threads % x_words;
 
   int running = 0;
-  for (int64_t base = 0; base < rows; base += kUnpackThreads) {
-    const int64_t j = base + tid;
+  for (int base = 0; base < rows; base += kUnpackThreads) {
+    const int j = base + tid, src = j / M, i = j - src * M;
+    const bool valid = j < rows && i < s_n[src];
+    const char* row = recv_region(c, valid ? src : 0) + kRegionHeader + static_cast<int64_t>(i) * c.row_stride;
+    int2 hdr[kMaxTopk];
+#pragma unroll
+    for (int q = 0; q < kMaxTopk / 2; ++q) {
+      const int4 h = valid && 2 * q < K ? __ldcg(reinterpret_cast<const int4*>(row) + q) : make_int4(-1, 0, -1, 0);
+      hdr[2 * q] = make_int2(h.x, h.y);
+      hdr[2 * q + 1] = make_int2(h.z, h.w);
+    }
     unsigned kmask = 0;  // the k whose expert is e (one, unless the routing repeats e)
-    if (j < rows && (j % M) < s_n[j / M]) {
-      const int2* hdr = reinterpret_cast<const int2*>(row_ptr(j));
-      for (int k = 0; k < K; ++k) {
-        if (__ldcg(&hdr[k].x) == e) kmask |= 1u << k;
+#pragma unroll
+    for (int k = 0; k < kMaxTopk; ++k) {
+      if (k < K && hdr[k].x == e) kmask |= 1u << k;
+    }
+    const int64_t jk = static_cast<int64_t>(j) * K;
+    if (j < rows && j % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
+#pragma unroll
+      for (int k = 0; k < kMaxTopk; ++k) {
+        if (k >= K) break;
+        const bool routed = hdr[k].x >= 0;   // hdr is -1 for rows past the count
+        p.row_expert[jk + k] = routed ? hdr[k].x : -1;
+        p.row_weight[jk + k] = routed ? __int_as_float(hdr[k].y) : 0.f;
+        if (!routed) p.row_pos[jk + k] = -1;
       }
     }
     const unsigned bal = __ballot_sync(0xffffffffu, kmask != 0);
@@ -187,57 +257,71 @@ __global__ void __launch_bounds__(kUnpackThreads) dispatch_recv_kernel(DispatchR
     __syncthreads();
     if (kmask != 0) {
       const int local = s_warp[warp] + __popc(bal & ((1u << lane) - 1u));
-      s_src[local] = reinterpret_cast<const int4*>(row_ptr(j) + p.header_bytes);
-      for (unsigned m = kmask; m != 0; m &= m - 1) p.row_pos[j * K + (__ffs(m) - 1)] = running + local;
+      s_src[local] = reinterpret_cast<const int4*>(row + p.header_bytes);
+      if (part == 0) {
+        for (unsigned m = kmask; m != 0; m &= m - 1) p.row_pos[jk + (__ffs(m) - 1)] = running + local;
+      }
     }
     __syncthreads();
+    if (base == 0) stamp(c, 1, kStampSetup);
     const int found = s_warp[kUnpackThreads / 32];
-    // Copy the found rows with every thread of the block, kCopyUnroll 16-byte words per thread
-    // and step, all loads issued before any store. (One warp per row, one load in flight per
-    // lane, made this kernel latency-bound: ~24 us for 128 tokens x 7168 on 2 H200.) The
-    // expert's rows are contiguous in recv_x, so word w of the window lands at out + w.
-    const int words = static_cast<int>(p.fp8 ? H / 16 : H / 8);   // 16-byte words of values per row
-    const int total = found * words;
-    int4* out = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + (e * rows + running) * words * 16);
-    for (int w0 = tid; w0 < total; w0 += kUnpackThreads * kCopyUnroll) {
-      int4 v[kCopyUnroll];
+    // This part's rows of the window: element (r, w) = 16-byte word w of row r, flattened and
+    // dealt to the copy threads, kCopyUnroll loads in flight per thread before any store. Each
+    // thread steps its (r, w) by a fixed (step_rows, step_words) with a carry: no division.
+    // e's rows are contiguous in recv_x, so element (r, w) lands at out_x[r * x_words + w].
+    const int r0 = found * part / parts, n = found * (part + 1) / parts - r0;
+    const int64_t out_row = static_cast<int64_t>(e) * rows + running + r0;
+    int4* out_x = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + out_row * x_words * 16);
+    if (ctid >= 0) {
+      int r = ctid / x_words, w = ctid - r * x_words;
+      while (r < n) {
+        int4 v[kCopyUnroll];
+        int rr[kCopyUnroll], ww[kCopyUnroll];
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int w = w0 + u * kUnpackThreads;
-        v[u] = w < total ? __ldcg(s_src[w / words] + w % words) : make_int4(0, 0, 0, 0);
-      }
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          rr[u] = r;
+          ww[u] = w;
+          v[u] = r < n ? __ldcg(s_src[r0 + r] + w) : make_int4(0, 0, 0, 0);
+          r += step_rows;
+          w += step_words;
+          if (w >= x_words) {
+            w -= x_words;
+            ++r;
+          }
+        }
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
-        const int w = w0 + u * kUnpackThreads;
-        if (w < total) out[w] = v[u];
+        for (int u = 0; u < kCopyUnroll; ++u) {
+          if (rr[u] < n) out_x[rr[u] * x_words + ww[u]] = v[u];
+        }
       }
-    }
-    if (p.fp8) {
-      const int per_row = static_cast<int>(H / kFp8Block);   // fp32 scales after the H value bytes
-      float* ds = p.recv_scales + (e * rows + running) * per_row;
-      for (int w = tid; w < found * per_row; w += kUnpackThreads) {
-        ds[w] = __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_src[w / per_row]) + H) +
-                       w % per_row);
+      if (p.fp8) {   // hidden / 128 scales per row follow its H value bytes
+        float* out_s = p.recv_scales + out_row * scales;
+        for (int k = ctid; k < n * scales; k += copy_threads) {
+          const int rs = k / scales;
+          out_s[k] = __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_src[r0 + rs]) + H) +
+                            (k - rs * scales));
+        }
       }
     }
     running += found;
     __syncthreads();  // s_warp / s_src are reused by the next window
   }
-  if (tid == 0) p.counts[e] = running;
-  if (e == 0 && tid < W) p.src_counts[tid] = s_n[tid];
-  // Per-row metadata for the combine, rows strided over the blocks (row_pos of matched entries
-  // was written above by the expert's block).
-  for (int64_t j = e + static_cast<int64_t>(tid) * L; j < rows; j += static_cast<int64_t>(kUnpackThreads) * L) {
-    const bool valid = (j % M) < s_n[j / M];
-    const int2* hdr = reinterpret_cast<const int2*>(row_ptr(j));
-    for (int k = 0; k < K; ++k) {
-      int2 h = valid ? __ldcg(&hdr[k]) : make_int2(-1, 0);
-      p.row_expert[j * K + k] = h.x;
-      p.row_weight[j * K + k] = h.x >= 0 ? __int_as_float(h.y) : 0.f;
-      if (h.x < 0) p.row_pos[j * K + k] = -1;
-    }
+  stamp(c, 1, kStampRows);
+  if (part == 0 && tid == 0) p.counts[e] = running;
+  if (blockIdx.x == 0 && tid < W) p.src_counts[tid] = s_n[tid];
+  hook_end(c, wait_flags, s_e, &s_flag);
+}
+
+// Blocks per local expert in the hook: enough parts that the grid covers every SM once.
+int hook_parts(int num_local_experts) {
+  static int sms[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    sms[dev] = 0;
+    return 1;
   }
-  hook_end(c, s_e, &s_flag);
+  return std::max(1, std::min(16, sms[dev] / num_local_experts));
 }
 
 }  // namespace
@@ -269,7 +353,9 @@ int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream) {
       reinterpret_cast<uint64_t>(p.recv_x) % 16 != 0) {
     return kBadArgument;
   }
-  dispatch_recv_kernel<<<c.num_local_experts, kUnpackThreads, 0, stream>>>(p);
+  DispatchRecvParams q = p;
+  q.parts = hook_parts(c.num_local_experts);
+  dispatch_recv_kernel<<<c.num_local_experts * q.parts, kUnpackThreads, 0, stream>>>(q);
   return intranode::record_launch();
 }
 

@@ -7,8 +7,13 @@ work; calling the hook later makes the current stream wait for arrival and unpac
 
 - ``"copy_engine"`` (default): the pack writes one fixed-size region per peer into local staging,
   then per peer, on its own side stream, a ``cudaMemcpyAsync`` over NVLink moves the region and
-  a second 8-byte memcpy raises the peer's flag (stream order lands it after the data). Copy
-  engines do the work: between send and hook no kernel of ours is resident.
+  a stream memory write (``cuStreamWriteValue32``: the GPU's front end, no kernel, no copy)
+  raises the peer's arrival flag; stream order lands it after the data. Copy engines do the
+  work: between send and hook no kernel of ours is resident. The hook kernel waits for the
+  flags itself, so it is queued right behind the caller's work, not behind this rank's own
+  copies (the caller's stream joins the side streams after the hook). Set
+  ``OVERLAP_LL_FLAG_WRITE=memcpy`` to raise the flags with a 4-byte peer memcpy instead (also
+  the fallback where the driver lacks stream memory operations).
 - ``"sm"``: the pack kernel stores rows straight into peers' buffers and raises the flags itself
   (the SMs are busy until the stores finish); for comparison.
 - ``"nccl"``: the packed regions go through ``all_to_all_single``; for comparison.
@@ -51,6 +56,26 @@ _ERRORS = {
     2: "timed out after {t:g} s waiting for rank {peer}'s data (does every rank issue the same "
        "low-latency operations in the same order?)",
 }
+
+
+FLAG_WRITES = ("memop", "memcpy")
+
+
+def flag_write_method(can_write: Optional[bool] = None) -> str:
+    """How copy-engine sends raise the peer's arrival flag: ``"memop"`` (a stream memory write,
+    the default where the driver has it) or ``"memcpy"`` (a 4-byte peer copy of a constant 1).
+    ``OVERLAP_LL_FLAG_WRITE`` chooses; ``"memop"`` without driver support raises. ``can_write``:
+    whether the driver has stream memory writes (asked of the extension when None)."""
+    import os
+
+    want = os.environ.get("OVERLAP_LL_FLAG_WRITE", "")
+    if want and want not in FLAG_WRITES:
+        raise ValueError(f"OVERLAP_LL_FLAG_WRITE must be one of {FLAG_WRITES}, got {want!r}")
+    can = bool(torch.ops.overlap.ll_can_write_flags()) if can_write is None else can_write
+    if want == "memop" and not can:
+        raise RuntimeError("OVERLAP_LL_FLAG_WRITE=memop, but this CUDA driver has no cuStreamWriteValue32; "
+                           "unset it to raise the flags with peer memcpys")
+    return want or ("memop" if can else "memcpy")
 
 
 def check_transport(transport) -> str:
@@ -134,8 +159,8 @@ class LowLatencyEP:
         import overlap
 
         overlap.load_cuda_extension()
-        (signal_bytes, max_ranks, max_slots, max_tokens, _max_topk, self._flags_off, _acks_off, self._seq_off,
-         _hdr, _blk) = torch.ops.overlap.ll_layout()
+        (signal_bytes, max_ranks, max_slots, max_tokens, _max_topk, _flags_off, _acks_off, _seq_off,
+         _hdr, _blk, self._ce_flags_off) = torch.ops.overlap.ll_layout()
         self._max_slots = max_slots
         W, M = buffer.world_size, buffer.max_tokens_per_rank
         if W > max_ranks:
@@ -170,6 +195,13 @@ class LowLatencyEP:
         self._staging = torch.empty(self.layout.staging_bytes, dtype=torch.uint8, device=buffer.device)
         self._nccl_recv: dict[int, torch.Tensor] = {}  # per kind, ordinary memory (see _send)
         self._side = {d: torch.cuda.Stream(device=buffer.device) for d in range(W) if d != buffer.rank}
+        self.flag_write = flag_write_method()
+        # Diagnostics: per-block phase stamps of the last pack and hook kernels (kernel_stamps()).
+        import os
+
+        self._stamps = (torch.zeros(2, 4096, 8, dtype=torch.int64, device=buffer.device)
+                        if os.environ.get("OVERLAP_LL_STAMPS") == "1" else None)
+        self._one = torch.ones(1, dtype=torch.int32, device=buffer.device)   # source of memcpy-raised flags
         self._comm = torch.cuda.Stream(device=buffer.device)
         self._views: dict = {}
         self._busy = {DISPATCH: [False] * num_slots, COMBINE: [False] * num_slots}
@@ -217,7 +249,31 @@ class LowLatencyEP:
         staging = self._staging.data_ptr() + lay.staging_offset(kind, slot)
         return [buf.rank, buf.world_size, kind, slot, _MODE[transport], self._my_base, lay.slot_offset(kind, slot),
                 rstride, row_stride, lay.max_tokens, staging, buf.hidden, topk, buf.num_local_experts,
-                int(self._timeout_s * 1e9), self._status_ptr]
+                int(self._timeout_s * 1e9), self._status_ptr,
+                0 if self._stamps is None else self._stamps.data_ptr()]
+
+    STAMP_PHASES = ("start", "prologue", "setup", "rows", "epilogue", "end")
+
+    def kernel_stamps(self) -> dict:
+        """Diagnostics (``OVERLAP_LL_STAMPS=1`` at construction): when each block of the last pack
+        and hook kernels reached each phase (start, prologue done, set-up done, rows written,
+        epilogue, end), in microseconds from the kernel's first block start, as
+        ``{"pack"|"hook": {phase: (min, median, max)}}``. Synchronises the device."""
+        if self._stamps is None:
+            raise RuntimeError("build the low-latency state with OVERLAP_LL_STAMPS=1 to record kernel stamps")
+        torch.cuda.synchronize(self.buffer.device)
+        out = {}
+        for which, name in enumerate(("pack", "hook")):
+            st = self._stamps[which].cpu()
+            st = st[st[:, 0] != 0]
+            if not len(st):
+                continue
+            rel = (st - st[:, 0].min()).double() / 1e3
+            out[name] = {ph: (rel[:, i][st[:, i] != 0].min().item(), rel[:, i][st[:, i] != 0].median().item(),
+                              rel[:, i][st[:, i] != 0].max().item())
+                         for i, ph in enumerate(self.STAMP_PHASES) if (st[:, i] != 0).any()}
+            out[name]["blocks"] = len(st)
+        return out
 
     def _view(self, key, ptr: int, nbytes: int) -> torch.Tensor:
         v = self._views.get(key)
@@ -255,26 +311,31 @@ class LowLatencyEP:
             return [done]
         packed = torch.cuda.Event()
         packed.record(caller)
-        flag_src = self._view(("seq", kind, slot), self._my_base + self._seq_off + (kind * self._max_slots + slot) * 8, 8)
         events = []
         for d, side in self._side.items():
             dst = self._view(("peer", kind, slot, d), self._peer_list[d] + lay.slot_offset(kind, slot),
                              lay.slot_bytes(kind))
-            flag_dst = self._view(("flag", kind, slot, d),
-                                  self._peer_list[d] + self._flags_off + ((kind * self._max_slots + slot) * 32 + me) * 8, 8)
+            flag_addr = self._peer_list[d] + self._ce_flags_off + ((kind * self._max_slots + slot) * 32 + me) * 4
             side.wait_event(packed)
             with torch.cuda.stream(side):
-                # Two cudaMemcpyAsync on one stream: the flag lands only after the rows.
+                # The rows, then the arrival flag, in one stream: the flag lands only after the rows.
+                # The flag is the constant 1 (the hook resets it), so graph replays stay right.
                 dst[me * rstride:(me + 1) * rstride].copy_(self._staging[stage_off + d * rstride:
                                                                          stage_off + (d + 1) * rstride])
-                flag_dst.copy_(flag_src)
+                if self.flag_write == "memop":
+                    torch.ops.overlap.ll_write_flag(flag_addr, 1, self._staging)
+                else:
+                    self._view(("flag", kind, slot, d), flag_addr, 4).copy_(self._one.view(torch.uint8))
             sent = torch.cuda.Event()
             sent.record(side)
             events.append(sent)
         return events
 
     def _hook(self, kind: int, slot: int, send_stream, events: list, launch: Callable[[], None],
-              outputs: tuple, on_done: Callable[[], None]) -> RecvHook:
+              outputs: tuple, on_done: Callable[[], None], *, kernel_waits: bool) -> RecvHook:
+        """``kernel_waits``: the hook kernel itself waits for arrival (flags), so it need not queue
+        behind this rank's own transfers; the stream joins them after it. Otherwise (NCCL) the
+        stream waits for the transfer's events before the kernel."""
         packed = torch.cuda.Event()
         packed.record(send_stream)
 
@@ -287,12 +348,16 @@ class LowLatencyEP:
                 for t in outputs:
                     if t is not None:
                         t.record_stream(stream)
-            for ev in events:
-                stream.wait_event(ev)
+            if not kernel_waits:
+                for ev in events:
+                    stream.wait_event(ev)
             try:
                 launch()
             finally:
                 self._release(kind, slot)
+            if kernel_waits:
+                for ev in events:   # join the side streams (CUDA-graph capture needs every fork joined)
+                    stream.wait_event(ev)
             on_done()
 
         return RecvHook(run)
@@ -341,6 +406,8 @@ class LowLatencyEP:
         slot = self._acquire(DISPATCH)
         try:
             common = self._common(DISPATCH, slot, transport, rstride, row_stride, K)
+            if self._stamps is not None:
+                self._stamps.zero_()
             token_slot = torch.empty(T, W, dtype=torch.int32, device=dev)
             torch.ops.overlap.ll_dispatch_send(x, idx, w, token_slot, self._symm.peer_bases, common,
                                                int(use_fp8), hdr)
@@ -373,7 +440,8 @@ class LowLatencyEP:
             handle.received[0] = True
 
         hook = self._hook(DISPATCH, slot, torch.cuda.current_stream(dev), events, launch,
-                          (recv_x, scales, counts, row_pos, row_expert, row_weight, src_counts), done)
+                          (recv_x, scales, counts, row_pos, row_expert, row_weight, src_counts), done,
+                          kernel_waits=bool(wait_flags))
         if not return_recv_hook:
             hook()
         return ((recv_x, scales) if use_fp8 else recv_x), counts, handle, hook
@@ -429,6 +497,8 @@ class LowLatencyEP:
         slot = self._acquire(COMBINE)
         try:
             common = self._common(COMBINE, slot, transport, rstride, row_stride, handle.topk)
+            if self._stamps is not None:
+                self._stamps.zero_()
             torch.ops.overlap.ll_combine_send(y, handle.row_pos, handle.row_expert, handle.row_weight,
                                               handle.src_counts, self._symm.peer_bases, common)
             events = self._send(COMBINE, slot, transport, rstride)
@@ -440,7 +510,8 @@ class LowLatencyEP:
         def launch():
             torch.ops.overlap.ll_combine_recv(handle.token_slot, self._symm.peer_bases, out, common, wait_flags)
 
-        hook = self._hook(COMBINE, slot, torch.cuda.current_stream(buf.device), events, launch, (out,), lambda: None)
+        hook = self._hook(COMBINE, slot, torch.cuda.current_stream(buf.device), events, launch, (out,), lambda: None,
+                          kernel_waits=bool(wait_flags))
         if not return_recv_hook:
             hook()
         return out, hook
