@@ -33,6 +33,7 @@ sequence numbers live on the device. All ranks must issue the same low-latency o
 (and hooks) in the same order. Waits are bounded by ``OVERLAP_KERNEL_TIMEOUT_S`` (default 10 s);
 a timeout is reported through host-mapped status words and raised as RuntimeError by the next
 call, a hook, or :meth:`LowLatencyEP.check_status`; the buffer is then unusable.
+With ``OVERLAP_LL_STAMPS=1`` the kernels stamp each block's phases (:meth:`LowLatencyEP.kernel_stamps`).
 """
 from __future__ import annotations
 
