@@ -62,18 +62,31 @@ __device__ __forceinline__ bool spin_until(ReadyFn ready, uint64_t timeout_ns) {
   return true;
 }
 
+// What both prologues start with: the block's start stamp, the shared failure flag cleared, and
+// (threads < num_ranks) the loads of the sticky error word (thread 0; 0 elsewhere) and of this
+// slot's send count, issued back to back so they share one round trip.
+__device__ __forceinline__ void prologue_start(const Common& c, int which, int* s_flag) {
+  stamp(c, which, kStampStart);
+  if (threadIdx.x == 0) *s_flag = 0;
+  __syncthreads();
+}
+__device__ __forceinline__ int sticky_error(const Common& c) {
+  return threadIdx.x == 0 ? idev::ld_volatile(reinterpret_cast<const int*>(c.my_base + intranode::kErrorOffset)) : 0;
+}
+__device__ __forceinline__ uint64_t send_count(const Common& c) {
+  return idev::ld_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)));
+}
+
 // Pack prologue, one memory round trip when nothing has to wait: thread 0 reads the sticky error
 // word; threads d < num_ranks read this slot's send count and d's ack of the previous use, and
 // wait until d acked it (d consumed the previous use). Loads the caller issued before this call
 // (inputs, which do not depend on the slot being free) overlap it. s_n = this use's count.
 __device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_n, int* s_flag) {
   const int tid = threadIdx.x;
-  stamp(c, 0, kStampStart);
-  if (tid == 0) *s_flag = 0;
-  __syncthreads();
+  prologue_start(c, 0, s_flag);
   if (tid < c.num_ranks) {
-    const int err = tid == 0 ? idev::ld_volatile(reinterpret_cast<const int*>(c.my_base + intranode::kErrorOffset)) : 0;
-    const uint64_t seq = idev::ld_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)));
+    const int err = sticky_error(c);
+    const uint64_t seq = send_count(c);
     const uint64_t* ack = word(c.my_base, ack_offset(c.kind, c.slot, tid));
     const uint64_t first = idev::ld_acquire_sys(ack);   // in flight beside the two loads above
     if (tid == 0) *s_n = seq + 1;
@@ -143,12 +156,10 @@ __device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) { return 
 __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_kind, uint64_t* s_e, int* s_flag,
                                   int* s_count = nullptr) {
   const int tid = threadIdx.x;
-  stamp(c, 1, kStampStart);
-  if (tid == 0) *s_flag = 0;
-  __syncthreads();
+  prologue_start(c, 1, s_flag);
   if (tid < c.num_ranks) {
-    const int err = tid == 0 ? idev::ld_volatile(reinterpret_cast<const int*>(c.my_base + intranode::kErrorOffset)) : 0;
-    const uint64_t e = idev::ld_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)));
+    const int err = sticky_error(c);
+    const uint64_t e = send_count(c);
     if (tid == 0) *s_e = e;
     bool ok = true;
     if (err != 0) {
