@@ -293,6 +293,8 @@ def _in_flight_rank(rank, W):
 def _graph_rank(rank, W):
     """A whole decode step (dispatch, hook, experts, combine, hook) captured once, replayed with
     fresh inputs copied into the static tensors."""
+    from overlap.ep.low_latency import low_latency_state
+
     fails = []
     dev = _device()
     T, H, E, K = 48, 512, 8 * W, 4
@@ -306,8 +308,6 @@ def _graph_rank(rank, W):
         case0 = EPCase("graph", [T] * W, H, E, K, torch.bfloat16, "random", seed=50)
         buf = _make_buffer(case0, W, max_tokens=T)
         if flag_write is not None:
-            from overlap.ep.low_latency import low_latency_state
-
             state = low_latency_state(buf)   # collective: every rank runs the same variants
             if flag_write == "memop" and state.flag_write != "memop":
                 fails.append(f"rank {rank}: this driver has no stream memory writes; copy-engine flags fell back to memcpy")

@@ -186,7 +186,7 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
 }
 
 // Hook epilogue (last block): clear the copy-engine arrival flags it waited on, then tell every
-// source its rows in this slot were consumed (the release orders the clears before the acks, and
+// source its rows in this slot were consumed (the fence orders the clears before the acks, and
 // a source raises its flag again only after seeing the ack).
 __device__ inline void hook_end(const Common& c, bool wait_flags, uint64_t e, int* s_flag) {
   if (!last_block(c, 1, s_flag)) return;
@@ -208,7 +208,6 @@ __device__ __forceinline__ char* send_region(const Common& c, int dest) {
   if (home) return reinterpret_cast<char*>(c.peer_bases[dest] + c.slot_offset + c.rank * c.region_stride);
   return reinterpret_cast<char*>(c.staging + dest * c.region_stride);
 }
-
 
 // 8 bf16 <-> fp32
 __device__ __forceinline__ void unpack8(const int4& v, float* f) {

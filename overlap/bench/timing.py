@@ -117,21 +117,25 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
     return out
 
 
+def _record_name(name: str) -> str:
+    """A device record's name for one-line summaries: bare kernel names (namespaces make the
+    line unreadable), copy and memset records as the profiler names them."""
+    from overlap.profiling.analyze import short_kernel_name
+
+    short = short_kernel_name(name)
+    return short if short.startswith(("Memcpy", "Memset")) else short.split("::")[-1]
+
+
 def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
     """Device time of each kernel / memcpy name in a torch profile, per ``per`` (e.g. the replays
     profiled): ``"name=us xcount; ..."``, largest first, ``top`` names; ``us`` = the median
     duration of the name's records times their count per replay (a median: one record that
     spans a profiler flush or a peer's stall would swamp a mean). Copies on side streams overlap
     other work, so the terms can add up to more than the wall time."""
-    from overlap.profiling.analyze import short_kernel_name
-
     durations: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
-            name = short_kernel_name(evt.name)
-            if not name.startswith(("Memcpy", "Memset")):
-                name = name.split("::")[-1]   # namespaces make the one-line summary unreadable
-            durations.setdefault(name, []).append(evt.device_time_total)
+            durations.setdefault(_record_name(evt.name), []).append(evt.device_time_total)
     totals = {name: (statistics.median(d) * len(d) / per, len(d) / per) for name, d in durations.items()}
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return "; ".join(f"{name}={us:.1f}us x{n:g}" for name, (us, n) in ranked)
@@ -145,8 +149,6 @@ def replay_timeline(prof, per: int) -> str:
     all records by start and cutting them into ``per`` equal runs recovers each replay; when the
     record count is not a multiple of ``per`` (a profiler flush lost one) it says so instead.
     """
-    from overlap.profiling.analyze import short_kernel_name
-
     records = sorted((evt.time_range.start, evt.time_range.end, evt.name) for evt in prof.events()
                      if evt.device_type == torch.autograd.DeviceType.CUDA)
     if per < 1 or not records or len(records) % per:
@@ -155,9 +157,7 @@ def replay_timeline(prof, per: int) -> str:
     replays = [records[i * n:(i + 1) * n] for i in range(per)]
     parts = []
     for pos in range(n):
-        name = short_kernel_name(replays[0][pos][2])
-        if not name.startswith(("Memcpy", "Memset")):
-            name = name.split("::")[-1]
+        name = _record_name(replays[0][pos][2])
         start = statistics.median(r[pos][0] - r[0][0] for r in replays)
         end = statistics.median(r[pos][1] - r[0][0] for r in replays)
         parts.append(f"{name}@{start:.1f}-{end:.1f}")
