@@ -29,10 +29,11 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-constexpr int kCommonFields = 17;
+constexpr int kCommonFields = 18;
 
 // Order: rank, num_ranks, kind, slot, mode, my_base, slot_offset, region_stride, row_stride,
-// max_tokens, staging, hidden, topk, num_local_experts, timeout_ns, status_ptr, stamps_ptr (0: off).
+// max_tokens, staging, hidden, topk, num_local_experts, timeout_ns, status_ptr, stamps_ptr (0: off),
+// hook_parts.
 ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& peer_bases, const at::Device& device) {
   TORCH_CHECK(v.size() == kCommonFields, "common must have ", kCommonFields, " fields, got ", v.size());
   check_tensor(peer_bases, "peer_bases", at::kLong, 1, device);
@@ -54,6 +55,7 @@ ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& pee
   c.timeout_ns = static_cast<uint64_t>(v[14]);
   c.status_host = reinterpret_cast<int*>(v[15]);
   c.stamps = reinterpret_cast<uint64_t*>(v[16]);
+  c.hook_parts = static_cast<int>(v[17]);
   c.peer_bases = peer_bases.data_ptr<int64_t>();
   TORCH_CHECK(peer_bases.size(0) == c.num_ranks, "peer_bases must have num_ranks=", c.num_ranks, " entries");
   TORCH_CHECK(ll::common_ok(c), "low-latency kernel arguments out of range (rank ", c.rank, "/", c.num_ranks,
@@ -241,7 +243,7 @@ void ll_write_flag(int64_t ptr, int64_t value, const at::Tensor& like) {
 std::vector<int64_t> ll_layout() {
   return {ll::kSignalBytes, ll::kMaxRanks,      ll::kMaxSlots,     ll::kMaxTokens, ll::kMaxTopk,
           ll::kFlagsOffset, ll::kAcksOffset,    ll::kSendSeqOffset, ll::kRegionHeader, ll::kFp8Block,
-          ll::kCeFlagsOffset};
+          ll::kCeFlagsOffset, ll::kMaxHookParts};
 }
 
 }  // namespace

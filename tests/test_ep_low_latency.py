@@ -74,6 +74,20 @@ def test_dispatch_argument_validation():
     assert check_transport("sm") == "sm"
 
 
+@pytest.mark.parametrize("sms,experts,want", [(132, 128, 1), (132, 64, 2), (132, 8, 16), (132, 256, 1), (78, 32, 2)])
+def test_hook_parts_cover_the_sms(sms, experts, want):
+    from overlap.ep.low_latency import hook_parts
+
+    assert hook_parts(sms, experts) == want
+
+
+def test_hook_parts_rejects_nonpositive():
+    from overlap.ep.low_latency import hook_parts
+
+    with pytest.raises(ValueError, match="sm_count"):
+        hook_parts(0, 8)
+
+
 def test_needs_cuda_and_nccl():
     from overlap.ep import EPBuffer
     from overlap.ep.low_latency import LowLatencyEP

@@ -7,11 +7,12 @@
 // the intranode layout (sticky error word at 1024, canary at 2048), so SymmetricBuffer's mapping
 // check and dev::record_failure work unchanged:
 //   flags[kind][slot][src]    u64  written by src's SM stores (value = src's use count of the slot)
-//   acks [kind][slot][dst]    u64  written by dst's hook once it consumed the slot (same value)
+//   acks [kind][slot][dst]    u64  count of dst's hook blocks that consumed this rank's rows in the
+//                                  slot: hook_blocks(kind) per use, one red.add per block
 //   send_seq[kind][slot]      u64  local: how often this rank sent on the slot
-//   done[kind][slot][2]       u32  local: last-block counters of the pack (0) and hook (1) kernels
+//   done[kind][slot][2]       u32  local: arrival counters of the pack (0) and hook (1) blocks
 //   ce_flags[kind][slot][src] u32  copy-engine arrival: 1 = src's copy into the slot landed;
-//                                  the receiving hook resets it to 0 before it acks
+//                                  the receiving hook resets it to 0 before its last ack
 //   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
 // A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
 // A dispatch row is [topk x {int32 local expert or -1, fp32 weight}, padded to 16][payload],
@@ -19,20 +20,24 @@
 // the bf16 partial sum (weights applied on the expert side) of one (token, rank).
 //
 // Protocol of one operation on slot s of kind k (all ranks issue the same operations in the same
-// order, so their use counts of every slot agree):
-//   pack:  n = send_seq + 1; wait (bounded) until acks[k][s][d] >= n - 1 for every d (d consumed
-//          the previous use); write rows (to peers directly, or to local staging); last block:
-//          send_seq = n, and flags[k][s][me] = n at every rank the kernel itself wrote to (every
-//          peer in kDirect mode, only this rank in kStaged mode).
+// order, so their use counts of every slot agree, and launch the same hook grid, B blocks):
+//   pack:  n = send_seq + 1; wait (bounded) until acks[k][s][d] >= (n - 1) * B for every d (all
+//          of d's hook blocks consumed the previous use); write rows (to peers directly, or to
+//          local staging). Staged modes: the block that arrives last (done counter, taken right
+//          after the wait, so every block has read send_seq) writes send_seq = n; the kernel
+//          boundary orders it and the rows before the copies and the hook. kDirect: the block
+//          that finishes last fences and raises flags[k][s][me] = n at every peer.
 //   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then a stream
 //          write of the constant 1 to the peer's ce_flags[k][s][me] (stream order lands it after
 //          the rows). A constant, not the use count: a CUDA graph replays the values it captured.
 //   hook:  E = send_seq (the host orders the hook after its pack, and the next pack of the slot
-//          waits for this hook's ack, so E is this operation's count); wait until every source
-//          arrived: ce_flags[k][s][src] == 1 for copy-engine peers, flags[k][s][src] >= E for the
-//          others; unpack; last block resets the ce_flags it waited on, then writes
-//          acks[k][s][me] = E at every source. A peer raises its ce_flag again only after that
-//          ack, so a 1 is never left over from the previous use.
+//          waits for this hook's acks, so E is this operation's count); wait until every other
+//          source arrived: ce_flags[k][s][src] == 1 for copy-engine peers, flags[k][s][src] >= E
+//          for SM-store peers (own rows are ordered by the kernel boundary); unpack; every block
+//          then adds 1 to acks[k][s][me] at every source. The block that arrived last (done
+//          counter, taken once the flags were seen, so every block has seen them) first resets
+//          the ce_flags and fences: a peer raises its ce_flag again only after all B acks, so a
+//          1 is never left over from the previous use. No block waits for the others.
 #pragma once
 
 #include "intranode.cuh"
@@ -99,6 +104,7 @@ struct Common {
   int64_t hidden = 0;                   // multiple of kFp8Block
   int topk = 1;
   int num_local_experts = 1;
+  int hook_parts = 1;                   // dispatch hook blocks per local expert (equal on every rank)
   uint64_t timeout_ns = 0;
   int* status_host = nullptr;           // host-mapped status words (intranode layout)
   // Diagnostics (OVERLAP_LL_STAMPS=1): [2][kMaxStampBlocks][kStampWords] globaltimer stamps, one
@@ -135,7 +141,6 @@ struct DispatchRecvParams {
   int* row_expert = nullptr;            // [num_ranks * max_tokens, topk]: local expert or -1
   float* row_weight = nullptr;          // [num_ranks * max_tokens, topk]
   int* src_counts = nullptr;            // [num_ranks]: rows received from each source
-  int parts = 1;                        // blocks per local expert (set by the launcher)
 };
 
 struct CombineSendParams {
@@ -161,12 +166,28 @@ int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream);
 int launch_combine_send(const CombineSendParams& p, cudaStream_t stream);
 int launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream);
 
+constexpr int kMaxHookParts = 16;
+
+// Blocks of a grid with one warp per task, 4 warps a block, at most 1024 blocks.
+__host__ __device__ constexpr int grid_for_warps(int64_t warps) {
+  return static_cast<int>(warps < 4 ? 1 : (warps + 3) / 4 > 1024 ? 1024 : (warps + 3) / 4);
+}
+
+// The receive hook's grid for c.kind; every rank launches the same one, since senders count one
+// ack per block. Dispatch: hook_parts blocks per local expert. Combine: one warp per (row slot,
+// 1024-channel chunk) of max_tokens rows (blocks beyond the batch only ack).
+__host__ __device__ constexpr int hook_blocks(const Common& c) {
+  return c.kind == kDispatch ? c.num_local_experts * c.hook_parts
+                             : grid_for_warps(c.max_tokens * ((c.hidden + kChunk - 1) / kChunk));
+}
+
 inline bool common_ok(const Common& c) {
   return c.num_ranks >= 1 && c.num_ranks <= kMaxRanks && c.rank >= 0 && c.rank < c.num_ranks && c.kind >= 0 &&
          c.kind <= 1 && c.slot >= 0 && c.slot < kMaxSlots && c.mode >= 0 && c.mode <= 2 && c.my_base != 0 &&
          c.my_base % 16 == 0 && c.peer_bases != nullptr && c.slot_offset % 16 == 0 && c.region_stride % 16 == 0 &&
          c.row_stride % 16 == 0 && c.max_tokens >= 1 && c.max_tokens <= kMaxTokens && c.hidden >= kFp8Block &&
          c.hidden % kFp8Block == 0 && c.topk >= 1 && c.topk <= kMaxTopk && c.num_local_experts >= 1 &&
+         c.hook_parts >= 1 && c.hook_parts <= kMaxHookParts &&
          c.status_host != nullptr && (c.mode == kDirect || (c.staging != 0 && c.staging % 16 == 0)) &&
          c.region_stride >= kRegionHeader + c.max_tokens * c.row_stride;
 }

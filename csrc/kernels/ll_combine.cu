@@ -95,6 +95,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendP
   int task = static_cast<int>(blockIdx.x) * (kSendThreads / 32) + warp;
   RowEntry entry = load_entry(p, task / chunks, lane);
   if (!pack_begin(c, kCombineSend, &s_n, &s_flag)) return;
+  const unsigned arrival = pack_arrive(c);
   if (tid < c.num_ranks) s_src[tid] = src_count;
   __syncthreads();
   stamp(c, 0, kStampSetup);
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_send_kernel(CombineSendP
     }
   }
   stamp(c, 0, kStampRows);
-  pack_end(c, s_n, &s_flag);
+  pack_end(c, s_n, arrival, &s_flag);
 }
 
 __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvParams p) {
@@ -141,6 +142,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
   int my_slot = lane < W && task < num_tasks ? p.token_slot[(task / chunks) * W + lane] : -1;
   const bool wait_flags = p.wait_flags != 0;
   if (!hook_begin(c, wait_flags, kCombineRecv, &s_e, &s_flag)) return;
+  const unsigned arrival = hook_arrive(c, wait_flags);
   stamp(c, 1, kStampSetup);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
   for (bool first = true; task < num_tasks; task += task_stride, first = false) {
@@ -166,11 +168,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
     }
   }
   stamp(c, 1, kStampRows);
-  hook_end(c, wait_flags, s_e, &s_flag);
-}
-
-int grid_for(int64_t warps) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((warps + 3) / 4, 1024)));
+  hook_end(c, wait_flags, arrival);
 }
 
 }  // namespace
@@ -182,7 +180,7 @@ int launch_combine_send(const CombineSendParams& p, cudaStream_t stream) {
     return kBadArgument;
   }
   const int64_t chunks = (c.hidden + kChunk - 1) / kChunk;
-  combine_send_kernel<<<grid_for(c.num_ranks * c.max_tokens * chunks), kSendThreads, 0, stream>>>(p);
+  combine_send_kernel<<<grid_for_warps(c.num_ranks * c.max_tokens * chunks), kSendThreads, 0, stream>>>(p);
   return intranode::record_launch();
 }
 
@@ -192,8 +190,8 @@ int launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream) {
       p.num_tokens > c.max_tokens || c.row_stride < c.hidden * 2 || reinterpret_cast<uint64_t>(p.out) % 16 != 0) {
     return kBadArgument;
   }
-  const int64_t chunks = (c.hidden + kChunk - 1) / kChunk;
-  combine_recv_kernel<<<grid_for(p.num_tokens * chunks), kSendThreads, 0, stream>>>(p);
+  // The grid is sized for max_tokens, not this batch: every rank launches the same one (hook_blocks).
+  combine_recv_kernel<<<hook_blocks(c), kSendThreads, 0, stream>>>(p);
   return intranode::record_launch();
 }
 

@@ -50,6 +50,10 @@ __device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
   return v;
 }
 
+__device__ __forceinline__ void red_add_relaxed_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 // Spins until ready() (which reads with acquire loads) holds; false once timeout_ns passed. A
 // first check that succeeds costs one load and no timer read.
 template <typename ReadyFn>
@@ -78,9 +82,9 @@ __device__ __forceinline__ uint64_t send_count(const Common& c) {
 }
 
 // Pack prologue, one memory round trip when nothing has to wait: thread 0 reads the sticky error
-// word; threads d < num_ranks read this slot's send count and d's ack of the previous use, and
-// wait until d acked it (d consumed the previous use). Loads the caller issued before this call
-// (inputs, which do not depend on the slot being free) overlap it. s_n = this use's count.
+// word; threads d < num_ranks read this slot's send count and d's ack count, and wait until all
+// of d's hook blocks acked the previous use (d consumed it). Loads the caller issued before this
+// call (inputs, which do not depend on the slot being free) overlap it. s_n = this use's count.
 __device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_n, int* s_flag) {
   const int tid = threadIdx.x;
   prologue_start(c, 0, s_flag);
@@ -89,10 +93,11 @@ __device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_
     const uint64_t seq = send_count(c);
     const uint64_t* ack = word(c.my_base, ack_offset(c.kind, c.slot, tid));
     const uint64_t first = idev::ld_acquire_sys(ack);   // in flight beside the two loads above
+    const uint64_t want = seq * static_cast<uint64_t>(hook_blocks(c));
     if (tid == 0) *s_n = seq + 1;
     if (err != 0) {
       atomicExch(s_flag, 1);   // an earlier failure left the peers out of step: do nothing
-    } else if (first < seq && !spin_until([&] { return idev::ld_acquire_sys(ack) >= seq; }, c.timeout_ns)) {
+    } else if (first < want && !spin_until([&] { return idev::ld_acquire_sys(ack) >= want; }, c.timeout_ns)) {
       fail(c, intranode::kReadyTimeout, tid, status_kind, seq + 1);
       atomicExch(s_flag, 1);
     }
@@ -102,47 +107,61 @@ __device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_
   return *s_flag == 0;
 }
 
-// True in thread 0 of the last block to get here; that block also resets the counter for the
-// next use. `which`: 0 = pack, 1 = hook.
-//
-// Only SM stores to peers (kDirect) need a fence before the count: the flag raised after them
-// must not overtake them. Elsewhere nothing needs one, and a per-block fence (each waiting for
-// its block's stores to drain, then the count's round trip) cost microseconds per kernel: what a
-// pack wrote locally is ordered for later work by the kernel boundary (the copies and the hook
-// run after it); what a hook read was consumed (stored) before the block's barrier, so it is
-// read before the count, and the acks that follow leave after a system-scope fence.
-__device__ inline bool last_block(const Common& c, int which, int* s_flag) {
+// Thread 0 counts this block in the kernel's arrival counter (`which`: 0 = pack, 1 = hook) and
+// returns the count before it (other threads: 0). The caller reads the result only at the end
+// of the block, so the atomic's round trip overlaps the block's work; the block that gets
+// gridDim.x - 1 arrived last and resets the counter for the next use.
+__device__ __forceinline__ unsigned arrive(const Common& c, int which) {
+  if (threadIdx.x != 0) return 0u;
+  return atomicAdd(reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, which)), 1u);
+}
+__device__ __forceinline__ bool arrived_last(unsigned arrival) {
+  return threadIdx.x == 0 && arrival == gridDim.x - 1;
+}
+__device__ __forceinline__ void reset_arrivals(const Common& c, int which) {
+  *reinterpret_cast<volatile unsigned*>(c.my_base + done_offset(c.kind, c.slot, which)) = 0u;
+}
+
+// True in thread 0 of the last block to get here (kDirect packs only); that block also resets
+// the counter for the next use. SM stores to peers need the fence before the flags: a flag
+// raised after them must not overtake them.
+__device__ inline bool last_block(const Common& c, int* s_flag) {
   __syncthreads();
-  stamp(c, which, kStampEpilogue);
+  stamp(c, 0, kStampEpilogue);
   if (threadIdx.x == 0) {
-    if (c.mode == kDirect) __threadfence_system();
-    unsigned* ctr = reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, which));
-    const unsigned prev = atomicAdd(ctr, 1u);
+    __threadfence_system();
+    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, 0)), 1u);
     *s_flag = prev == gridDim.x - 1;
-    if (*s_flag) *ctr = 0;
+    if (*s_flag) reset_arrivals(c, 0);
   }
   __syncthreads();
   const bool last = threadIdx.x == 0 && *s_flag;
-  if (!*s_flag) stamp(c, which, kStampEnd);
+  if (!*s_flag) stamp(c, 0, kStampEnd);
   return last;
 }
 
-// Pack epilogue (last block): publish n as this rank's send count of the slot; SM-driven sends
-// also raise the flags themselves (own rows in kStaged mode are local stores too).
-__device__ inline void pack_end(const Common& c, uint64_t n, int* s_flag) {
-  if (!last_block(c, 0, s_flag)) return;
-  // One fence, then plain stores (a release store per word fenced each time): device scope
-  // where every word written is this GPU's, system scope where flags go to peers (kDirect).
-  if (c.mode == kDirect) {
-    __threadfence_system();
-  } else {
-    __threadfence();
+// After pack_begin: staged packs count this block as having read send_seq (see arrive()).
+__device__ __forceinline__ unsigned pack_arrive(const Common& c) { return c.mode == kDirect ? 0u : arrive(c, 0); }
+
+// Pack epilogue. Staged modes: the block that arrived last (`arrival`, from pack_arrive() after
+// the prologue: every block has read send_seq by then) publishes n as this rank's send count. No
+// fence and no flag: the copies and the hook run after the kernel, whose boundary orders its
+// writes (the rows to staging and home, send_seq) before them. kDirect: the block that finishes
+// last fences and raises the peers' flags (the stores went straight to them).
+__device__ inline void pack_end(const Common& c, uint64_t n, unsigned arrival, int* s_flag) {
+  if (c.mode != kDirect) {
+    stamp(c, 0, kStampEpilogue);
+    if (arrived_last(arrival)) {
+      reset_arrivals(c, 0);
+      idev::st_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)), n);
+    }
+    stamp(c, 0, kStampEnd);
+    return;
   }
+  if (!last_block(c, s_flag)) return;
   idev::st_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)), n);
   for (int d = 0; d < c.num_ranks; ++d) {
-    if ((d == c.rank && c.mode != kStagedAll) || c.mode == kDirect) {
-      idev::st_relaxed_sys(word(c.peer_bases[d], flag_offset(c.kind, c.slot, c.rank)), n);
-    }
+    if (d != c.rank) idev::st_relaxed_sys(word(c.peer_bases[d], flag_offset(c.kind, c.slot, c.rank)), n);
   }
   stamp(c, 0, kStampEnd);
 }
@@ -150,11 +169,11 @@ __device__ inline void pack_end(const Common& c, uint64_t n, int* s_flag) {
 // Copy-engine peers announce arrival with ce_flags (a constant 1); the rest with counting flags.
 __device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) { return c.mode == kStaged && src != c.rank; }
 
-// Hook prologue: E = this operation's use count; with wait_flags, threads r < num_ranks wait
-// until source r's rows arrived. Thread 0 also reads the sticky error word in the same round.
-// With s_count, thread r then reads the row count of r's region into s_count[r].
-__device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_kind, uint64_t* s_e, int* s_flag,
-                                  int* s_count = nullptr) {
+// Hook prologue: E = this operation's use count; with wait_flags, threads r < num_ranks, r not
+// this rank, wait until source r's rows arrived (this rank's own rows were written by its pack,
+// which the kernel boundary orders before the hook). Thread 0 also reads the sticky error word
+// in the same round. Returns false (nothing to do) after a failure.
+__device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_kind, uint64_t* s_e, int* s_flag) {
   const int tid = threadIdx.x;
   prologue_start(c, 1, s_flag);
   if (tid < c.num_ranks) {
@@ -165,7 +184,7 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
     if (err != 0) {
       atomicExch(s_flag, 1);
       ok = false;
-    } else if (wait_flags) {
+    } else if (wait_flags && tid != c.rank) {
       if (uses_ce_flag(c, tid)) {
         const uint32_t* f = word32(c.my_base, ce_flag_offset(c.kind, c.slot, tid));
         ok = spin_until([&] { return ld_acquire_sys_u32(f) != 0u; }, c.timeout_ns);
@@ -178,26 +197,39 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
         atomicExch(s_flag, 1);
       }
     }
-    if (ok && s_count != nullptr) s_count[tid] = __ldcg(reinterpret_cast<const int*>(recv_region(c, tid)));
   }
   __syncthreads();
   stamp(c, 1, kStampPrologue);
   return *s_flag == 0;
 }
 
-// Hook epilogue (last block): clear the copy-engine arrival flags it waited on, then tell every
-// source its rows in this slot were consumed (the fence orders the clears before the acks, and
-// a source raises its flag again only after seeing the ack).
-__device__ inline void hook_end(const Common& c, bool wait_flags, uint64_t e, int* s_flag) {
-  if (!last_block(c, 1, s_flag)) return;
-  if (wait_flags) {
-    for (int r = 0; r < c.num_ranks; ++r) {
-      if (uses_ce_flag(c, r)) *reinterpret_cast<volatile uint32_t*>(word32(c.my_base, ce_flag_offset(c.kind, c.slot, r))) = 0u;
+// Whether this hook resets copy-engine flags (and so counts block arrivals).
+__device__ __forceinline__ bool hook_resets_flags(const Common& c, bool wait_flags) {
+  return wait_flags && c.mode == kStaged && c.num_ranks > 1;
+}
+
+// After hook_begin: count this block as having seen the flags (see arrive()).
+__device__ __forceinline__ unsigned hook_arrive(const Common& c, bool wait_flags) {
+  return hook_resets_flags(c, wait_flags) ? arrive(c, 1) : 0u;
+}
+
+// Hook epilogue, every block: once all its threads are done reading the slot, thread 0 adds one
+// ack at every source. The block that arrived last first clears the copy-engine flags (every
+// block has seen them) and fences, so the clears are visible before its ack completes the count
+// a source waits for. Other blocks ack relaxed: their reads of the slot returned before the
+// barrier (their values were stored), so no later write by a source can change them.
+__device__ inline void hook_end(const Common& c, bool wait_flags, unsigned arrival) {
+  __syncthreads();
+  stamp(c, 1, kStampEpilogue);
+  if (threadIdx.x == 0) {
+    if (hook_resets_flags(c, wait_flags) && arrived_last(arrival)) {
+      reset_arrivals(c, 1);
+      for (int r = 0; r < c.num_ranks; ++r) {
+        if (uses_ce_flag(c, r)) *reinterpret_cast<volatile uint32_t*>(word32(c.my_base, ce_flag_offset(c.kind, c.slot, r))) = 0u;
+      }
+      __threadfence_system();
     }
-  }
-  __threadfence_system();   // one fence for all acks (a release store per ack fenced each time)
-  for (int r = 0; r < c.num_ranks; ++r) {
-    idev::st_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), e);
+    for (int r = 0; r < c.num_ranks; ++r) red_add_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), 1);
   }
   stamp(c, 1, kStampEnd);
 }

@@ -88,7 +88,7 @@ __device__ __forceinline__ int2 quantise8(const int4& v, float* scale) {
                    static_cast<int>(pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16)));
 }
 
-__global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSendParams p) {
+__global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(DispatchSendParams p) {
   __shared__ uint32_t s_mask[kMaxTokens];
   __shared__ int s_chunk[(kMaxTokens / 32) * kMaxRanks];  // exclusive prefix per 32-token chunk
   __shared__ int s_total[kMaxRanks];
@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSen
   }
 
   stamp(c, 0, kStampSetup);
+  const unsigned arrival = pack_arrive(c);
   // Rows: one warp per (token, 1024-channel chunk).
   for (bool first = true; task < num_tasks; task += task_stride, first = false) {
     if (!first) load_task(p, task, chunks, lane, in);
@@ -183,17 +184,18 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(DispatchSen
     }
   }
   stamp(c, 0, kStampRows);
-  pack_end(c, s_n, &s_flag);
+  pack_end(c, s_n, arrival, &s_flag);
 }
 
 // The hook. Blocks (e, part): `parts` blocks per local expert e, so the grid covers the GPU when
 // there are few local experts. Each block scans every received row header (one 16-byte-vector
-// round trip, from L2), ranks the rows routed to e (by source rank, then source token), and
-// copies its share of them into e's block of recv_x, then the FP8 scales. Part 0 records where
-// each (row, k) went; the owner block of row j (j mod grid) writes the row's other per-row
-// metadata from the header it loaded anyway. Index arithmetic is 32-bit and the copy loop
-// divides nothing: with 64-bit divisions per 16-byte word the copy was instruction-bound
-// (~14 GB/s per SM).
+// round trip from L2, beside the regions' row counts: headers past a count are loaded and then
+// ignored), ranks the rows routed to e (by source rank, then source token), and copies its share
+// of them into e's block of recv_x, the FP8 scales in the same pass (they follow the values in
+// the row, so a row is one run of 16-byte words). Part 0 records where each (row, k) went; the
+// owner block of row j (j mod grid) writes the row's other per-row metadata from the header it
+// loaded anyway. Index arithmetic is 32-bit and the copy loop divides nothing: with 64-bit
+// divisions per 16-byte word the copy was instruction-bound (~14 GB/s per SM).
 __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(DispatchRecvParams p) {
   __shared__ uint64_t s_e;
   __shared__ int s_flag;
@@ -202,41 +204,54 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
   __shared__ const int4* s_src[kUnpackThreads];   // payload of each row found in this window
   const Common& c = p.c;
   const bool wait_flags = p.wait_flags != 0;
-  if (!hook_begin(c, wait_flags, kDispatchRecv, &s_e, &s_flag, s_n)) return;
+  if (!hook_begin(c, wait_flags, kDispatchRecv, &s_e, &s_flag)) return;
+  const unsigned arrival = hook_arrive(c, wait_flags);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = c.num_ranks, K = c.topk;
-  const int parts = p.parts, e = blockIdx.x / parts, part = blockIdx.x % parts;
+  const int parts = c.hook_parts, e = blockIdx.x / parts, part = blockIdx.x % parts;
   const int M = static_cast<int>(c.max_tokens), rows = W * M;
   const int64_t H = c.hidden;
   const int x_words = static_cast<int>(p.fp8 ? H / 16 : H / 8);   // 16-byte words of values per row
   const int scales = p.fp8 ? static_cast<int>(H / kFp8Block) : 0;  // fp32 scales per row
-  // Copy threads: all but warp 0, whose thread 0 may run the epilogue; its system-scope release
-  // then need not wait for a share of the copy's stores to drain.
+  // 16-byte words of scales copied with the values (when a row's scales fill whole words);
+  // otherwise a second pass copies them one float at a time.
+  const int s_words = p.fp8 && H % (4 * kFp8Block) == 0 ? scales / 4 : 0;
+  const int row_words = x_words + s_words;
+  // Copy threads: all but warp 0, whose thread 0 runs the epilogue; its acks then need not
+  // queue behind a share of the copy's stores.
   const int copy_threads = kUnpackThreads - 32, ctid = tid - 32;
-  const int step_rows = copy_threads / x_words, step_words = copy_threads % x_words;
+  const int step_rows = copy_threads / row_words, step_words = copy_threads % row_words;
+  const int my_count = tid < W ? __ldcg(reinterpret_cast<const int*>(recv_region(c, tid))) : 0;
 
   int running = 0;
   for (int base = 0; base < rows; base += kUnpackThreads) {
     const int j = base + tid, src = j / M, i = j - src * M;
-    const bool valid = j < rows && i < s_n[src];
-    const char* row = recv_region(c, valid ? src : 0) + kRegionHeader + static_cast<int64_t>(i) * c.row_stride;
+    const bool in_range = j < rows;
+    const char* row = recv_region(c, in_range ? src : 0) + kRegionHeader +
+                      static_cast<int64_t>(in_range ? i : 0) * c.row_stride;
     int2 hdr[kMaxTopk];
 #pragma unroll
     for (int q = 0; q < kMaxTopk / 2; ++q) {
-      const int4 h = valid && 2 * q < K ? __ldcg(reinterpret_cast<const int4*>(row) + q) : make_int4(-1, 0, -1, 0);
+      const int4 h = in_range && 2 * q < K ? __ldcg(reinterpret_cast<const int4*>(row) + q) : make_int4(-1, 0, -1, 0);
       hdr[2 * q] = make_int2(h.x, h.y);
       hdr[2 * q + 1] = make_int2(h.z, h.w);
     }
+    if (base == 0) {   // the counts' loads went out before the headers'
+      if (tid < W) s_n[tid] = my_count;
+      __syncthreads();
+    }
+    const bool valid = in_range && i < s_n[src];
     unsigned kmask = 0;  // the k whose expert is e (one, unless the routing repeats e)
 #pragma unroll
     for (int k = 0; k < kMaxTopk; ++k) {
+      if (!valid) hdr[k].x = -1;   // a row past its region's count holds an older use's bytes
       if (k < K && hdr[k].x == e) kmask |= 1u << k;
     }
     const int64_t jk = static_cast<int64_t>(j) * K;
-    if (j < rows && j % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
+    if (in_range && j % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
 #pragma unroll
       for (int k = 0; k < kMaxTopk; ++k) {
         if (k >= K) break;
-        const bool routed = hdr[k].x >= 0;   // hdr is -1 for rows past the count
+        const bool routed = hdr[k].x >= 0;
         p.row_expert[jk + k] = routed ? hdr[k].x : -1;
         p.row_weight[jk + k] = routed ? __int_as_float(hdr[k].y) : 0.f;
         if (!routed) p.row_pos[jk + k] = -1;
@@ -268,12 +283,14 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
     // This part's rows of the window: element (r, w) = 16-byte word w of row r, flattened and
     // dealt to the copy threads, kCopyUnroll loads in flight per thread before any store. Each
     // thread steps its (r, w) by a fixed (step_rows, step_words) with a carry: no division.
-    // e's rows are contiguous in recv_x, so element (r, w) lands at out_x[r * x_words + w].
+    // e's rows are contiguous in recv_x (and in recv_scales), so word w < x_words of row r lands
+    // at out_x[r * x_words + w], a scale word at out_s[r * s_words + w - x_words].
     const int r0 = found * part / parts, n = found * (part + 1) / parts - r0;
     const int64_t out_row = static_cast<int64_t>(e) * rows + running + r0;
     int4* out_x = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + out_row * x_words * 16);
+    int4* out_s = s_words > 0 ? reinterpret_cast<int4*>(p.recv_scales + out_row * scales) : nullptr;
     if (ctid >= 0) {
-      int r = ctid / x_words, w = ctid - r * x_words;
+      int r = ctid / row_words, w = ctid - r * row_words;
       while (r < n) {
         int4 v[kCopyUnroll];
         int rr[kCopyUnroll], ww[kCopyUnroll];
@@ -284,22 +301,27 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
           v[u] = r < n ? __ldcg(s_src[r0 + r] + w) : make_int4(0, 0, 0, 0);
           r += step_rows;
           w += step_words;
-          if (w >= x_words) {
-            w -= x_words;
+          if (w >= row_words) {
+            w -= row_words;
             ++r;
           }
         }
 #pragma unroll
         for (int u = 0; u < kCopyUnroll; ++u) {
-          if (rr[u] < n) out_x[rr[u] * x_words + ww[u]] = v[u];
+          if (rr[u] >= n) continue;
+          if (ww[u] < x_words) {
+            out_x[rr[u] * x_words + ww[u]] = v[u];
+          } else {
+            out_s[rr[u] * s_words + (ww[u] - x_words)] = v[u];
+          }
         }
       }
-      if (p.fp8) {   // hidden / 128 scales per row follow its H value bytes
-        float* out_s = p.recv_scales + out_row * scales;
+      if (p.fp8 && s_words == 0) {   // scales that do not fill whole words: one float at a time
+        float* out_sf = p.recv_scales + out_row * scales;
         for (int k = ctid; k < n * scales; k += copy_threads) {
           const int rs = k / scales;
-          out_s[k] = __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_src[r0 + rs]) + H) +
-                            (k - rs * scales));
+          out_sf[k] = __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_src[r0 + rs]) + H) +
+                             (k - rs * scales));
         }
       }
     }
@@ -309,19 +331,7 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
   stamp(c, 1, kStampRows);
   if (part == 0 && tid == 0) p.counts[e] = running;
   if (blockIdx.x == 0 && tid < W) p.src_counts[tid] = s_n[tid];
-  hook_end(c, wait_flags, s_e, &s_flag);
-}
-
-// Blocks per local expert in the hook: enough parts that the grid covers every SM once.
-int hook_parts(int num_local_experts) {
-  static int sms[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
-  if (sms[dev] == 0 && cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    sms[dev] = 0;
-    return 1;
-  }
-  return std::max(1, std::min(16, sms[dev] / num_local_experts));
+  hook_end(c, wait_flags, arrival);
 }
 
 }  // namespace
@@ -353,9 +363,7 @@ int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream) {
       reinterpret_cast<uint64_t>(p.recv_x) % 16 != 0) {
     return kBadArgument;
   }
-  DispatchRecvParams q = p;
-  q.parts = hook_parts(c.num_local_experts);
-  dispatch_recv_kernel<<<c.num_local_experts * q.parts, kUnpackThreads, 0, stream>>>(q);
+  dispatch_recv_kernel<<<hook_blocks(c), kUnpackThreads, 0, stream>>>(p);
   return intranode::record_launch();
 }
 

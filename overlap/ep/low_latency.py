@@ -79,6 +79,15 @@ def flag_write_method(can_write: Optional[bool] = None) -> str:
     return want or ("memop" if can else "memcpy")
 
 
+def hook_parts(sm_count: int, num_local_experts: int, max_parts: int = 16) -> int:
+    """Blocks per local expert in the dispatch hook: ``sm_count // num_local_experts``, clamped
+    to ``[1, max_parts]``, so the grid covers every SM about once."""
+    if sm_count < 1 or num_local_experts < 1 or max_parts < 1:
+        raise ValueError(f"hook_parts needs positive arguments, got sm_count={sm_count}, "
+                         f"num_local_experts={num_local_experts}, max_parts={max_parts}")
+    return max(1, min(max_parts, sm_count // num_local_experts))
+
+
 def check_transport(transport) -> str:
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -161,7 +170,7 @@ class LowLatencyEP:
 
         overlap.load_cuda_extension()
         (signal_bytes, max_ranks, max_slots, max_tokens, _max_topk, _flags_off, _acks_off, _seq_off,
-         _hdr, _blk, self._ce_flags_off) = torch.ops.overlap.ll_layout()
+         _hdr, _blk, self._ce_flags_off, max_hook_parts) = torch.ops.overlap.ll_layout()
         self._max_slots = max_slots
         W, M = buffer.world_size, buffer.max_tokens_per_rank
         if W > max_ranks:
@@ -173,13 +182,19 @@ class LowLatencyEP:
             raise ValueError(f"num_slots must be an int in [1, {max_slots}], got {num_slots!r}")
         if buffer.hidden % FP8_BLOCK:
             raise ValueError(f"the low-latency path needs hidden to be a multiple of {FP8_BLOCK}, got {buffer.hidden}")
-        mine = torch.tensor([buffer.hidden, M, buffer.num_experts, num_slots], dtype=torch.int64, device=buffer.device)
-        every = torch.empty(W, 4, dtype=torch.int64, device=buffer.device)
+        sms = torch.cuda.get_device_properties(buffer.device).multi_processor_count
+        mine = torch.tensor([buffer.hidden, M, buffer.num_experts, num_slots, sms], dtype=torch.int64,
+                            device=buffer.device)
+        every = torch.empty(W, 5, dtype=torch.int64, device=buffer.device)
         dist.all_gather_into_tensor(every, mine, group=buffer.group)
         for col, name in enumerate(("hidden", "max_tokens_per_rank", "num_experts", "num_slots")):
             values = every[:, col].tolist()
             if len(set(values)) != 1:
                 raise ValueError(f"the low-latency path needs the same {name} on every rank, got {values} (by rank)")
+        # Dispatch-hook blocks per local expert: enough that the grid covers every SM once. Every
+        # rank must launch the same hook grid (senders count one ack per hook block), so the
+        # smallest GPU of the group decides.
+        self.hook_parts = hook_parts(int(every[:, 4].min().item()), buffer.num_local_experts, max_hook_parts)
 
         from overlap.ep.symm_buffer import SymmetricBuffer
 
@@ -251,7 +266,7 @@ class LowLatencyEP:
         return [buf.rank, buf.world_size, kind, slot, _MODE[transport], self._my_base, lay.slot_offset(kind, slot),
                 rstride, row_stride, lay.max_tokens, staging, buf.hidden, topk, buf.num_local_experts,
                 int(self._timeout_s * 1e9), self._status_ptr,
-                0 if self._stamps is None else self._stamps.data_ptr()]
+                0 if self._stamps is None else self._stamps.data_ptr(), self.hook_parts]
 
     STAMP_PHASES = ("start", "prologue", "setup", "rows", "epilogue", "end")
 
