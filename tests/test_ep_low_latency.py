@@ -21,9 +21,9 @@ def test_layout_offsets_are_aligned_and_disjoint():
     from overlap.ep.low_latency_layout import (COMBINE, DISPATCH, LowLatencyLayout, combine_row_stride,
                                                dispatch_row_stride, header_bytes, region_stride)
 
-    assert header_bytes(1) == 16 and header_bytes(2) == 16 and header_bytes(3) == 32 and header_bytes(8) == 64
-    assert dispatch_row_stride(7168, 8, fp8=False) == 64 + 7168 * 2
-    assert dispatch_row_stride(7168, 8, fp8=True) == 64 + 7168 + 56 * 4
+    assert header_bytes(1) == 32 and header_bytes(4) == 32 and header_bytes(8) == 48 and header_bytes(16) == 96
+    assert dispatch_row_stride(7168, 8, fp8=False) == 48 + 7168 * 2
+    assert dispatch_row_stride(7168, 8, fp8=True) == 48 + 7168 + 56 * 4
     assert combine_row_stride(7168) == 14336
     assert region_stride(128, 14400) == 16 + 128 * 14400
     lay = LowLatencyLayout(world_size=4, max_tokens=128, hidden=7168, num_slots=3, signal_bytes=20480)

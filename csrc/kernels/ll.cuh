@@ -15,7 +15,8 @@
 //                                  the receiving hook resets it to 0 before its last ack
 //   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
 // A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
-// A dispatch row is [topk x {int32 local expert or -1, fp32 weight}, padded to 16][payload],
+// A dispatch row is [topk x int16 local expert or -1, padded to 16][topk x fp32 weight, padded
+// to 16][payload] (the hook scans every row's experts, so they come apart from the weights),
 // payload = bf16 values, or e4m3 values followed by hidden/128 fp32 scales. A combine row is
 // the bf16 partial sum (weights applied on the expert side) of one (token, rank).
 //
@@ -125,7 +126,7 @@ struct DispatchSendParams {
   const float* topk_weights = nullptr;  // [num_tokens, topk]
   int num_tokens = 0;
   int fp8 = 0;
-  int header_bytes = 0;                 // topk * 8 rounded up to 16
+  int header_bytes = 0;                 // dispatch_header_bytes(topk)
   int* token_slot = nullptr;            // out [num_tokens, num_ranks]: row in each rank's region or -1
 };
 
@@ -167,6 +168,13 @@ int launch_combine_send(const CombineSendParams& p, cudaStream_t stream);
 int launch_combine_recv(const CombineRecvParams& p, cudaStream_t stream);
 
 constexpr int kMaxHookParts = 16;
+constexpr int kMaxLocalExperts = 32767;   // a row header names its local expert in an int16
+
+// Bytes of a dispatch row's header: the experts part, then the whole header (see the layout above).
+__host__ __device__ constexpr int header_expert_bytes(int topk) { return (topk * 2 + 15) / 16 * 16; }
+__host__ __device__ constexpr int dispatch_header_bytes(int topk) {
+  return header_expert_bytes(topk) + (topk * 4 + 15) / 16 * 16;
+}
 
 // Blocks of a grid with one warp per task, 4 warps a block, at most 1024 blocks.
 __host__ __device__ constexpr int grid_for_warps(int64_t warps) {

@@ -166,8 +166,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(Dispatch
         const int ex = in.expert >= 0 && in.expert < num_experts ? static_cast<int>(in.expert) : -1;
         const int owner = ex >= 0 ? ex / c.num_local_experts : -1;
         const bool here = owner == d;
-        reinterpret_cast<int2*>(dst)[lane] = make_int2(here ? ex - owner * c.num_local_experts : -1,
-                                                       __float_as_int(here ? in.weight : 0.f));
+        reinterpret_cast<int16_t*>(dst)[lane] = static_cast<int16_t>(here ? ex - owner * c.num_local_experts : -1);
+        reinterpret_cast<float*>(dst + header_expert_bytes(c.topk))[lane] = here ? in.weight : 0.f;
       }
       char* payload = dst + p.header_bytes;
 #pragma unroll
@@ -220,6 +220,7 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
   // queue behind a share of the copy's stores.
   const int copy_threads = kUnpackThreads - 32, ctid = tid - 32;
   const int step_rows = copy_threads / row_words, step_words = copy_threads % row_words;
+  const int expert_bytes = header_expert_bytes(K);
   const int my_count = tid < W ? __ldcg(reinterpret_cast<const int*>(recv_region(c, tid))) : 0;
 
   int running = 0;
@@ -228,32 +229,40 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
     const bool in_range = j < rows;
     const char* row = recv_region(c, in_range ? src : 0) + kRegionHeader +
                       static_cast<int64_t>(in_range ? i : 0) * c.row_stride;
-    int2 hdr[kMaxTopk];
+    // The scan reads each row's experts (16 bytes at topk <= 8); only the row's owner block
+    // (j mod grid, which writes its metadata) reads the weights too, in the same round.
+    const bool owner = in_range && j % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x);
+    int4 ex4[kMaxTopk / 8];
+    int4 w4[kMaxTopk / 4];
 #pragma unroll
-    for (int q = 0; q < kMaxTopk / 2; ++q) {
-      const int4 h = in_range && 2 * q < K ? __ldcg(reinterpret_cast<const int4*>(row) + q) : make_int4(-1, 0, -1, 0);
-      hdr[2 * q] = make_int2(h.x, h.y);
-      hdr[2 * q + 1] = make_int2(h.z, h.w);
+    for (int q = 0; q < kMaxTopk / 8; ++q) {
+      ex4[q] = in_range && 8 * q < K ? __ldcg(reinterpret_cast<const int4*>(row) + q) : make_int4(-1, -1, -1, -1);
+    }
+#pragma unroll
+    for (int q = 0; q < kMaxTopk / 4; ++q) {
+      w4[q] = owner && 4 * q < K ? __ldcg(reinterpret_cast<const int4*>(row + expert_bytes) + q) : make_int4(0, 0, 0, 0);
     }
     if (base == 0) {   // the counts' loads went out before the headers'
       if (tid < W) s_n[tid] = my_count;
       __syncthreads();
     }
     const bool valid = in_range && i < s_n[src];
+    int ex[kMaxTopk];
     unsigned kmask = 0;  // the k whose expert is e (one, unless the routing repeats e)
 #pragma unroll
     for (int k = 0; k < kMaxTopk; ++k) {
-      if (!valid) hdr[k].x = -1;   // a row past its region's count holds an older use's bytes
-      if (k < K && hdr[k].x == e) kmask |= 1u << k;
+      // A row past its region's count holds an older use's bytes.
+      ex[k] = valid && k < K ? static_cast<int>(reinterpret_cast<const int16_t*>(ex4)[k]) : -1;
+      if (ex[k] == e) kmask |= 1u << k;
     }
     const int64_t jk = static_cast<int64_t>(j) * K;
-    if (in_range && j % static_cast<int>(gridDim.x) == static_cast<int>(blockIdx.x)) {
+    if (owner) {
 #pragma unroll
       for (int k = 0; k < kMaxTopk; ++k) {
         if (k >= K) break;
-        const bool routed = hdr[k].x >= 0;
-        p.row_expert[jk + k] = routed ? hdr[k].x : -1;
-        p.row_weight[jk + k] = routed ? __int_as_float(hdr[k].y) : 0.f;
+        const bool routed = ex[k] >= 0;
+        p.row_expert[jk + k] = ex[k];
+        p.row_weight[jk + k] = routed ? reinterpret_cast<const float*>(w4)[k] : 0.f;
         if (!routed) p.row_pos[jk + k] = -1;
       }
     }
@@ -340,18 +349,17 @@ int launch_dispatch_send(const DispatchSendParams& p, cudaStream_t stream) {
   const Common& c = p.c;
   // An empty batch still launches: its (empty) regions, flags and acks keep the ranks in step.
   const bool need_ptrs = p.num_tokens > 0;
-  if (!common_ok(c) || (need_ptrs && (p.x == nullptr || p.topk_idx == nullptr || p.topk_weights == nullptr ||
-                                      p.token_slot == nullptr)) || p.num_tokens < 0 || p.num_tokens > c.max_tokens || p.header_bytes % 16 != 0 ||
-      p.header_bytes < c.topk * 8 || c.num_local_experts * c.num_ranks > (1 << 30) ||
+  if (!common_ok(c) ||
+      (need_ptrs && (p.x == nullptr || p.topk_idx == nullptr || p.topk_weights == nullptr || p.token_slot == nullptr)) ||
+      p.num_tokens < 0 || p.num_tokens > c.max_tokens || p.header_bytes != dispatch_header_bytes(c.topk) ||
+      c.num_local_experts > kMaxLocalExperts || c.num_local_experts * c.num_ranks > (1 << 30) ||
       reinterpret_cast<uint64_t>(p.x) % 16 != 0 || c.mode < 0 || c.mode > 2) {
     return kBadArgument;
   }
   const int64_t payload = p.fp8 ? c.hidden + c.hidden / kFp8Block * 4 : c.hidden * 2;
   if (c.row_stride < p.header_bytes + payload) return kBadArgument;
   const int64_t chunks = (c.hidden + kChunk - 1) / kChunk;
-  const int64_t warps = static_cast<int64_t>(p.num_tokens) * chunks;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((warps + 3) / 4, 1024)));
-  dispatch_send_kernel<<<blocks, kSendThreads, 0, stream>>>(p);
+  dispatch_send_kernel<<<grid_for_warps(static_cast<int64_t>(p.num_tokens) * chunks), kSendThreads, 0, stream>>>(p);
   return intranode::record_launch();
 }
 
@@ -359,7 +367,8 @@ int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream) {
   const Common& c = p.c;
   if (!common_ok(c) || p.recv_x == nullptr || p.counts == nullptr || p.row_pos == nullptr ||
       p.row_expert == nullptr || p.row_weight == nullptr || p.src_counts == nullptr ||
-      (p.fp8 && p.recv_scales == nullptr) || p.header_bytes % 16 != 0 || p.header_bytes < c.topk * 8 ||
+      (p.fp8 && p.recv_scales == nullptr) || p.header_bytes != dispatch_header_bytes(c.topk) ||
+      c.num_local_experts > kMaxLocalExperts ||
       reinterpret_cast<uint64_t>(p.recv_x) % 16 != 0) {
     return kBadArgument;
   }

@@ -44,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 from overlap.ep import validation
-from overlap.ep.low_latency_layout import (COMBINE, DISPATCH, FP8_BLOCK, KIND_NAMES, MAX_TOPK, LowLatencyLayout,
-                                           combine_row_stride, dispatch_row_stride, header_bytes, region_stride)
+from overlap.ep.low_latency_layout import (COMBINE, DISPATCH, FP8_BLOCK, KIND_NAMES, MAX_LOCAL_EXPERTS, MAX_TOPK,
+                                           LowLatencyLayout, combine_row_stride, dispatch_row_stride, header_bytes,
+                                           region_stride)
 
 TRANSPORTS = ("copy_engine", "sm", "nccl")
 _MODE = {"sm": 0, "copy_engine": 1, "nccl": 2}   # ll.cuh Mode
@@ -182,6 +183,9 @@ class LowLatencyEP:
             raise ValueError(f"num_slots must be an int in [1, {max_slots}], got {num_slots!r}")
         if buffer.hidden % FP8_BLOCK:
             raise ValueError(f"the low-latency path needs hidden to be a multiple of {FP8_BLOCK}, got {buffer.hidden}")
+        if buffer.num_local_experts > MAX_LOCAL_EXPERTS:
+            raise ValueError(f"the low-latency path supports at most {MAX_LOCAL_EXPERTS} experts per rank, this "
+                             f"EPBuffer has {buffer.num_local_experts} (num_experts / world_size)")
         sms = torch.cuda.get_device_properties(buffer.device).multi_processor_count
         mine = torch.tensor([buffer.hidden, M, buffer.num_experts, num_slots, sms], dtype=torch.int64,
                             device=buffer.device)

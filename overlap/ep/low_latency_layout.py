@@ -21,9 +21,13 @@ def align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+MAX_LOCAL_EXPERTS = 32767   # ll.cuh kMaxLocalExperts: a row header names its local expert in an int16
+
+
 def header_bytes(topk: int) -> int:
-    """Bytes of a dispatch row's header: topk x {int32 local expert, fp32 weight}, 16-aligned."""
-    return align(topk * 8, 16)
+    """Bytes of a dispatch row's header: topk int16 local experts, 16-aligned, then topk fp32
+    weights, 16-aligned (the receive hook scans only the experts of every row)."""
+    return align(topk * 2, 16) + align(topk * 4, 16)
 
 
 def dispatch_row_stride(hidden: int, topk: int, fp8: bool) -> int:
