@@ -44,16 +44,6 @@ __device__ __forceinline__ uint32_t* word32(int64_t base, int64_t offset) {
   return reinterpret_cast<uint32_t*>(base + offset);
 }
 
-__device__ __forceinline__ uint32_t ld_acquire_sys_u32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void red_add_relaxed_sys(uint64_t* p, uint64_t v) {
-  asm volatile("red.relaxed.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
 // Spins until ready() (which reads with acquire loads) holds; false once timeout_ns passed. A
 // first check that succeeds costs one load and no timer read.
 template <typename ReadyFn>
@@ -130,8 +120,7 @@ __device__ inline bool last_block(const Common& c, int* s_flag) {
   stamp(c, 0, kStampEpilogue);
   if (threadIdx.x == 0) {
     __threadfence_system();
-    const unsigned prev = atomicAdd(reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, 0)), 1u);
-    *s_flag = prev == gridDim.x - 1;
+    *s_flag = arrived_last(arrive(c, 0));
     if (*s_flag) reset_arrivals(c, 0);
   }
   __syncthreads();
@@ -187,7 +176,7 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
     } else if (wait_flags && tid != c.rank) {
       if (uses_ce_flag(c, tid)) {
         const uint32_t* f = word32(c.my_base, ce_flag_offset(c.kind, c.slot, tid));
-        ok = spin_until([&] { return ld_acquire_sys_u32(f) != 0u; }, c.timeout_ns);
+        ok = spin_until([&] { return idev::ld_acquire_sys(f) != 0u; }, c.timeout_ns);
       } else {
         const uint64_t* f = word(c.my_base, flag_offset(c.kind, c.slot, tid));
         ok = spin_until([&] { return idev::ld_acquire_sys(f) >= e; }, c.timeout_ns);
@@ -229,7 +218,7 @@ __device__ inline void hook_end(const Common& c, bool wait_flags, unsigned arriv
       }
       __threadfence_system();
     }
-    for (int r = 0; r < c.num_ranks; ++r) red_add_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), 1);
+    for (int r = 0; r < c.num_ranks; ++r) idev::red_add_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), 1);
   }
   stamp(c, 1, kStampEnd);
 }
