@@ -240,6 +240,15 @@ void ll_write_flag(int64_t ptr, int64_t value, const at::Tensor& like) {
   TORCH_CHECK(r == CUDA_SUCCESS, "cuStreamWriteValue32 failed with CUresult ", static_cast<int>(r));
 }
 
+// Byte offset, from a rank's buffer base, of the copy-engine arrival flag that `src` raises in
+// slot (kind, slot): the address the host's stream memory write (or 4-byte copy) targets.
+int64_t ll_ce_flag_offset(int64_t kind, int64_t slot, int64_t src) {
+  TORCH_CHECK(kind == ll::kDispatch || kind == ll::kCombine, "kind must be 0 (dispatch) or 1 (combine), got ", kind);
+  TORCH_CHECK(slot >= 0 && slot < ll::kMaxSlots, "slot must be in [0, ", ll::kMaxSlots, "), got ", slot);
+  TORCH_CHECK(src >= 0 && src < ll::kMaxRanks, "src must be in [0, ", ll::kMaxRanks, "), got ", src);
+  return ll::ce_flag_offset(static_cast<int>(kind), static_cast<int>(slot), static_cast<int>(src));
+}
+
 std::vector<int64_t> ll_layout() {
   return {ll::kSignalBytes, ll::kMaxRanks,      ll::kMaxSlots,     ll::kMaxTokens, ll::kMaxTopk,
           ll::kFlagsOffset, ll::kAcksOffset,    ll::kSendSeqOffset, ll::kRegionHeader, ll::kFp8Block,
@@ -262,6 +271,7 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
   m.def("ll_combine_recv(Tensor token_slot, Tensor peer_bases, Tensor(a!) out, int[] common, int wait_flags) -> ()");
   m.def("ll_view(int ptr, int nbytes, Tensor like) -> Tensor");
   m.def("ll_layout() -> int[]", &ll_layout);
+  m.def("ll_ce_flag_offset(int kind, int slot, int src) -> int", &ll_ce_flag_offset);
   m.def("ll_write_flag(int ptr, int value, Tensor like) -> ()");
   m.def("ll_can_write_flags() -> bool", &ll_can_write_flags);
 }

@@ -171,8 +171,7 @@ class LowLatencyEP:
 
         overlap.load_cuda_extension()
         (signal_bytes, max_ranks, max_slots, max_tokens, _max_topk, _flags_off, _acks_off, _seq_off,
-         _hdr, _blk, self._ce_flags_off, max_hook_parts) = torch.ops.overlap.ll_layout()
-        self._max_slots = max_slots
+         _hdr, _blk, _ce_flags_off, max_hook_parts) = torch.ops.overlap.ll_layout()
         W, M = buffer.world_size, buffer.max_tokens_per_rank
         if W > max_ranks:
             raise ValueError(f"the low-latency path supports at most {max_ranks} ranks, the group has {W}")
@@ -215,6 +214,9 @@ class LowLatencyEP:
         self._staging = torch.empty(self.layout.staging_bytes, dtype=torch.uint8, device=buffer.device)
         self._nccl_recv: dict[int, torch.Tensor] = {}  # per kind, ordinary memory (see _send)
         self._side = {d: torch.cuda.Stream(device=buffer.device) for d in range(W) if d != buffer.rank}
+        # Where this rank's copy-engine sends raise each peer's arrival flag (ll.cuh ce_flag_offset).
+        self._ce_flag_addr = {(k, s, d): self._peer_list[d] + torch.ops.overlap.ll_ce_flag_offset(k, s, buffer.rank)
+                              for k in (DISPATCH, COMBINE) for s in range(num_slots) for d in self._side}
         self.flag_write = flag_write_method()
         # Diagnostics: per-block phase stamps of the last pack and hook kernels (kernel_stamps()).
         import os
@@ -289,9 +291,11 @@ class LowLatencyEP:
             if not len(st):
                 continue
             rel = (st - st[:, 0].min()).double() / 1e3
-            out[name] = {ph: (rel[:, i][st[:, i] != 0].min().item(), rel[:, i][st[:, i] != 0].median().item(),
-                              rel[:, i][st[:, i] != 0].max().item())
-                         for i, ph in enumerate(self.STAMP_PHASES) if (st[:, i] != 0).any()}
+            out[name] = {}
+            for i, ph in enumerate(self.STAMP_PHASES):
+                col = rel[:, i][st[:, i] != 0]   # blocks that reached the phase
+                if len(col):
+                    out[name][ph] = (col.min().item(), col.median().item(), col.max().item())
             out[name]["blocks"] = len(st)
         return out
 
@@ -335,7 +339,7 @@ class LowLatencyEP:
         for d, side in self._side.items():
             dst = self._view(("peer", kind, slot, d), self._peer_list[d] + lay.slot_offset(kind, slot),
                              lay.slot_bytes(kind))
-            flag_addr = self._peer_list[d] + self._ce_flags_off + ((kind * self._max_slots + slot) * 32 + me) * 4
+            flag_addr = self._ce_flag_addr[(kind, slot, d)]
             side.wait_event(packed)
             with torch.cuda.stream(side):
                 # The rows, then the arrival flag, in one stream: the flag lands only after the rows.
