@@ -96,7 +96,7 @@ def _bench_rank(rank, world_size, args):
                                              profile_replays=args.profile_replays)
                 return time_fn(fn, warmup=args.warmup, iters=args.iters, barrier=barrier)
 
-            if mode == "graph" and not getattr(buf._backend, "graph_capturable", backend == "cuda"):
+            if mode == "graph" and not buf._backend.graph_capturable:
                 del buf
                 continue
             t_disp = timer(lambda: buf.dispatch(x, idx, w, num_worst_tokens=budget))

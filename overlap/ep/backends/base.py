@@ -25,6 +25,9 @@ class EPBackend(ABC):
     """
 
     name: ClassVar[str]
+    # Whether a dispatch with num_worst_tokens and its combine can be captured in a CUDA graph
+    # (sequence numbers on the GPU, no host syncs); experiments/ep_bench.py's "graph" mode reads it.
+    graph_capturable: ClassVar[bool] = False
 
     def __init__(self, buffer: "EPBuffer"):
         self.buffer = buffer

@@ -157,6 +157,7 @@ class CudaBackend(EPBackend):
     """NVLink kernels on ``num_sms`` blocks; one GPU per rank, all ranks on one host."""
 
     name = "cuda"
+    graph_capturable = True   # the Triton backend inherits it: its sequence numbers live on the GPU too
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:

@@ -188,9 +188,6 @@ class TritonBackend(CudaBackend):
     combine kernels in Triton."""
 
     name = "triton"
-    # Sequence numbers live on the GPU: a dispatch with num_worst_tokens and a combine can be
-    # captured in a CUDA graph (experiments/ep_bench.py's "graph" mode reads this).
-    graph_capturable = True
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
