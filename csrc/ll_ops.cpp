@@ -1,16 +1,14 @@
 // Thin torch binding of the low-latency (decode) kernels, csrc/kernels/ll_*.cu. The Python side
 // (overlap/ep/low_latency.py) owns buffers, slots and streams; these functions check shapes and
 // launch on the current stream. `common` carries the fields of ll::Common as a flat int list
-// (see common_from_list) so the schemas stay short.
+// (see common_from_list) so the schemas stay short. The copy-engine transfers: ll_copy_ops.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cuda.h>
 #include <cuda_runtime.h>
 
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -186,60 +184,6 @@ void ll_combine_recv(const at::Tensor& token_slot, const at::Tensor& peer_bases,
   check_launch(ll::launch_combine_recv(p, stream_of(device)), "ll_combine_recv");
 }
 
-// A uint8 tensor over nbytes of device memory at ptr (a peer's mapped buffer or our own), so
-// `view.copy_(local)` becomes a cudaMemcpyAsync that a copy engine performs. The memory is owned
-// by the symmetric buffer, which must outlive the view.
-at::Tensor ll_view(int64_t ptr, int64_t nbytes, const at::Tensor& like) {
-  TORCH_CHECK(like.is_cuda(), "like must be a CUDA tensor");
-  TORCH_CHECK(ptr != 0 && nbytes >= 1, "ll_view needs a non-null pointer and nbytes >= 1");
-  // target_device: a peer's memory reports the peer as its device; the view must live on ours.
-  return at::for_blob(reinterpret_cast<void*>(ptr), {nbytes})
-      .options(at::TensorOptions().dtype(at::kByte).device(like.device()))
-      .target_device(like.device())
-      .deleter([](void*) {})
-      .make_tensor();
-}
-
-// cuStreamWriteValue32 from the driver, looked up once through the runtime (so the extension
-// needs no -lcuda). Null where the driver lacks it.
-using WriteValue32Fn = CUresult (*)(CUstream, CUdeviceptr, cuuint32_t, unsigned int);
-
-WriteValue32Fn write_value32() {
-  static WriteValue32Fn fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", &ptr, 12000, cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess) {
-      fn = reinterpret_cast<WriteValue32Fn>(ptr);
-    }
-    (void)cudaGetLastError();
-  });
-  return fn;
-}
-
-// The 32-bit stream memory operations (v2) are available on every platform since CUDA 11.7;
-// only a driver too old to export them lacks the entry point.
-bool ll_can_write_flags() { return write_value32() != nullptr; }
-
-// Queue on the current stream a write of `value` to the 4-byte word at `ptr` (this GPU's or a
-// peer's mapped memory), done by the GPU's front end: no kernel, no copy engine, no SM. The
-// driver fences the stream's earlier writes before it. Captured into CUDA graphs as a memory
-// operation node (with the value it had at capture).
-void ll_write_flag(int64_t ptr, int64_t value, const at::Tensor& like) {
-  TORCH_CHECK(like.is_cuda(), "like must be a CUDA tensor");
-  TORCH_CHECK(ptr != 0 && ptr % 4 == 0, "ll_write_flag needs a non-null 4-byte-aligned address");
-  TORCH_CHECK(value >= 0 && value <= 0xffffffffLL, "ll_write_flag writes a 32-bit unsigned value");
-  const WriteValue32Fn fn = write_value32();
-  TORCH_CHECK(fn != nullptr, "this CUDA driver has no cuStreamWriteValue32; use ll_can_write_flags first");
-  const c10::cuda::CUDAGuard guard(like.device());
-  const CUresult r = fn(reinterpret_cast<CUstream>(stream_of(like.device())), static_cast<CUdeviceptr>(ptr),
-                        static_cast<cuuint32_t>(value), CU_STREAM_WRITE_VALUE_DEFAULT);
-  TORCH_CHECK(r == CUDA_SUCCESS, "cuStreamWriteValue32 failed with CUresult ", static_cast<int>(r));
-}
-
 // Byte offset, from a rank's buffer base, of the copy-engine arrival flag that `src` raises in
 // slot (kind, slot): the address the host's stream memory write (or 4-byte copy) targets.
 int64_t ll_ce_flag_offset(int64_t kind, int64_t slot, int64_t src) {
@@ -269,11 +213,8 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
       "ll_combine_send(Tensor y, Tensor row_pos, Tensor row_expert, Tensor row_weight, Tensor src_counts, "
       "Tensor peer_bases, int[] common) -> ()");
   m.def("ll_combine_recv(Tensor token_slot, Tensor peer_bases, Tensor(a!) out, int[] common, int wait_flags) -> ()");
-  m.def("ll_view(int ptr, int nbytes, Tensor like) -> Tensor");
   m.def("ll_layout() -> int[]", &ll_layout);
   m.def("ll_ce_flag_offset(int kind, int slot, int src) -> int", &ll_ce_flag_offset);
-  m.def("ll_write_flag(int ptr, int value, Tensor like) -> ()");
-  m.def("ll_can_write_flags() -> bool", &ll_can_write_flags);
 }
 
 TORCH_LIBRARY_IMPL(overlap, CUDA, m) {
@@ -281,6 +222,4 @@ TORCH_LIBRARY_IMPL(overlap, CUDA, m) {
   m.impl("ll_dispatch_recv", &ll_dispatch_recv);
   m.impl("ll_combine_send", &ll_combine_send);
   m.impl("ll_combine_recv", &ll_combine_recv);
-  m.impl("ll_view", &ll_view);
-  m.impl("ll_write_flag", &ll_write_flag);
 }

@@ -409,7 +409,8 @@ def copies_behind_compute(events, slack_us=1.0) -> list:
 def _graph_copies_overlap_rank(rank, W):
     """Copy-engine dispatch and combine captured in a CUDA graph, each with a GEMM between send and
     hook (decode_overlap's schedule in miniature): in the profiled replays no copy (zero SMs) may
-    run after the GEMM that follows its send (see copies_behind_compute)."""
+    run after the GEMM that follows its send (see copies_behind_compute), and the kernels all run
+    on one hardware queue (nothing joins the copies into the caller's chain)."""
     import os
     import tempfile
 
@@ -422,6 +423,7 @@ def _graph_copies_overlap_rank(rank, W):
     g = torch.Generator(device="cpu").manual_seed(81)
     a = torch.randn(4096, 4096, generator=g).to(dev, torch.bfloat16)
     out = torch.empty(64, case.hidden, dtype=torch.bfloat16, device=dev)
+    problems = _hook_outside_capture_raises(buf, x, idx, w)
 
     def step():
         recv, _, handle, hook = buf.low_latency_dispatch(x, idx, w, return_recv_hook=True, transport="copy_engine")
@@ -440,11 +442,40 @@ def _graph_copies_overlap_rank(rank, W):
     d = max(analyze_trace(path, comm=[r"^Memcpy DtoD"]).devices, key=lambda d: d.comm_us)
     if not d.transfer_us:
         return [f"rank {rank}: no copy-engine transfer in the traced graph replays"]
-    problems = copies_behind_compute(load_trace(path).gpu_events)
+    events = load_trace(path).gpu_events
+    problems += copies_behind_compute(events)
+    # The copies hang off the graph as a branch nothing joins: the caller's kernels keep one
+    # hardware queue (a join moved everything after each hook to another one, ~4 us each time).
+    queues = {e.stream for e in events if not e.name.startswith(("Memcpy", "Memset"))}
+    if len(queues) > 1:
+        problems.append(f"the step's kernels ran on {len(queues)} hardware queues, not one")
     if problems:
         return [f"rank {rank}: {'; '.join(problems)} ({100 * d.transfer_overlap_share:.0f}% of the copies ran beside "
                 f"compute; timeline: {_gpu_timeline(path)})"]
     return []
+
+
+def _hook_outside_capture_raises(buf, x, idx, w) -> list:
+    """A copy-engine send captured in a graph whose hook is called after the capture ended: the
+    hook raises (its copies could not join the graph) before it launches anything, and the
+    buffer still works."""
+    buf.low_latency_dispatch(x, idx, w, transport="copy_engine")   # eager warm-up: state built
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, _, _, hook = buf.low_latency_dispatch(x, idx, w, return_recv_hook=True, transport="copy_engine")
+    problems = []
+    try:
+        hook()
+        problems.append("a captured send's hook called outside the capture did not raise")
+    except RuntimeError as exc:
+        if "inside that capture" not in str(exc):
+            problems.append(f"unexpected error from a hook outside its capture: {exc}")
+    del graph   # never replayed: its pack never ran
+    recv, counts, _, _ = buf.low_latency_dispatch(x, idx, w, transport="copy_engine")
+    torch.cuda.synchronize()
+    buf._low_latency.check_status()
+    return problems
 
 
 def _gpu_timeline(path, limit=40):

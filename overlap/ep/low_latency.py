@@ -11,7 +11,10 @@ work; calling the hook later makes the current stream wait for arrival and unpac
   raises the peer's arrival flag; stream order lands it after the data. Copy engines do the
   work: between send and hook no kernel of ours is resident. The hook kernel waits for the
   flags itself, so it is queued right behind the caller's work, not behind this rank's own
-  copies (the caller's stream joins the side streams after the hook). Set
+  copies (the caller's stream joins the side streams after the hook). Under CUDA-graph capture
+  the copies and flag writes go into the graph directly, as a branch off the pack kernel that
+  no later node waits for (no join: see ``ll_graph_add_copies`` in csrc/ll_copy_ops.cpp); the
+  hook adds them, so it must be called inside the same capture. Set
   ``OVERLAP_LL_FLAG_WRITE=memcpy`` to raise the flags with a 4-byte peer memcpy instead (also
   the fallback where the driver lacks stream memory operations).
 - ``"sm"``: the pack kernel stores rows straight into peers' buffers and raises the flags itself
@@ -134,6 +137,16 @@ class LowLatencyHandle:
     src_counts: torch.Tensor    # [W] int32: rows received from each source
     topk_weights: Optional[torch.Tensor] = None
     received: list = field(default_factory=lambda: [False])
+
+
+@dataclass
+class _Transfer:
+    """What a send left for its hook: side-stream events to join (eager copies, NCCL), or, under
+    CUDA-graph capture, the call that adds the copies to the graph."""
+
+    events: list = field(default_factory=list)
+    graph_branch: Optional[Callable[[], None]] = None
+    capture_id: Optional[int] = None
 
 
 class RecvHook:
@@ -306,10 +319,10 @@ class LowLatencyEP:
             self._views[key] = v
         return v
 
-    def _send(self, kind: int, slot: int, transport: str, rstride: int) -> list:
-        """Issue the transfer of the packed slot; returns events the hook's stream must wait on."""
+    def _send(self, kind: int, slot: int, transport: str, rstride: int) -> "_Transfer":
+        """Issue the transfer of the packed slot (under CUDA-graph capture, prepare it for the hook)."""
         if transport == "sm":
-            return []
+            return _Transfer()
         buf, lay = self.buffer, self.layout
         me, W = buf.rank, buf.world_size
         stage_off = lay.staging_offset(kind, slot)
@@ -332,7 +345,18 @@ class LowLatencyEP:
                 recv[:W * rstride].copy_(scratch[:W * rstride])
             done = torch.cuda.Event()
             done.record(self._comm)
-            return [done]
+            return _Transfer(events=[done])
+        if torch.cuda.is_current_stream_capturing():
+            # Straight into the graph, as a branch off the pack kernel that nothing waits for (see
+            # ll_graph_add_copies), added by the hook: by then the caller's next node is the pack's
+            # first child and keeps the pack's hardware queue.
+            point = torch.ops.overlap.ll_capture_point()   # [capture id, graph, the pack's node]
+            peers = list(self._side)
+            args = ([self._peer_list[d] + lay.slot_offset(kind, slot) + me * rstride for d in peers],
+                    [self._staging.data_ptr() + stage_off + d * rstride for d in peers], [rstride] * len(peers),
+                    [self._ce_flag_addr[(kind, slot, d)] for d in peers], self.flag_write == "memop", self._one)
+            return _Transfer(capture_id=point[0],
+                             graph_branch=lambda: torch.ops.overlap.ll_graph_add_copies(point, *args))
         packed = torch.cuda.Event()
         packed.record(caller)
         events = []
@@ -353,9 +377,9 @@ class LowLatencyEP:
             sent = torch.cuda.Event()
             sent.record(side)
             events.append(sent)
-        return events
+        return _Transfer(events=events)
 
-    def _hook(self, kind: int, slot: int, send_stream, events: list, launch: Callable[[], None],
+    def _hook(self, kind: int, slot: int, send_stream, transfer: "_Transfer", launch: Callable[[], None],
               outputs: tuple, on_done: Callable[[], None], *, kernel_waits: bool) -> RecvHook:
         """``kernel_waits``: the hook kernel itself waits for arrival (flags), so it need not queue
         behind this rank's own transfers; the stream joins them after it. Otherwise (NCCL) the
@@ -365,6 +389,12 @@ class LowLatencyEP:
 
         def run():
             self._raise_if_failed()
+            if transfer.graph_branch is not None and not (
+                    torch.cuda.is_current_stream_capturing()
+                    and torch.ops.overlap.ll_capture_point()[0] == transfer.capture_id):
+                self._release(kind, slot)
+                raise RuntimeError(f"the hook of a low-latency {KIND_NAMES[kind]} sent during a CUDA-graph capture must "
+                                   "be called inside that capture (its copies join the graph there); nothing was sent")
             stream = torch.cuda.current_stream(self.buffer.device)
             if stream != send_stream:
                 # The hook reads this operation's sequence number, which its pack kernel wrote.
@@ -373,14 +403,16 @@ class LowLatencyEP:
                     if t is not None:
                         t.record_stream(stream)
             if not kernel_waits:
-                for ev in events:
+                for ev in transfer.events:
                     stream.wait_event(ev)
             try:
                 launch()
+                if transfer.graph_branch is not None:
+                    transfer.graph_branch()
             finally:
                 self._release(kind, slot)
             if kernel_waits:
-                for ev in events:   # join the side streams (CUDA-graph capture needs every fork joined)
+                for ev in transfer.events:   # join the side streams (CUDA-graph capture needs every fork joined)
                     stream.wait_event(ev)
             on_done()
 
@@ -435,7 +467,7 @@ class LowLatencyEP:
             token_slot = torch.empty(T, W, dtype=torch.int32, device=dev)
             torch.ops.overlap.ll_dispatch_send(x, idx, w, token_slot, self._symm.peer_bases, common,
                                                int(use_fp8), hdr)
-            events = self._send(DISPATCH, slot, transport, rstride)
+            transfer = self._send(DISPATCH, slot, transport, rstride)
         except Exception:
             self._release(DISPATCH, slot)
             raise
@@ -463,7 +495,7 @@ class LowLatencyEP:
         def done():
             handle.received[0] = True
 
-        hook = self._hook(DISPATCH, slot, torch.cuda.current_stream(dev), events, launch,
+        hook = self._hook(DISPATCH, slot, torch.cuda.current_stream(dev), transfer, launch,
                           (recv_x, scales, counts, row_pos, row_expert, row_weight, src_counts), done,
                           kernel_waits=bool(wait_flags))
         if not return_recv_hook:
@@ -525,7 +557,7 @@ class LowLatencyEP:
                 self._stamps.zero_()
             torch.ops.overlap.ll_combine_send(y, handle.row_pos, handle.row_expert, handle.row_weight,
                                               handle.src_counts, self._symm.peer_bases, common)
-            events = self._send(COMBINE, slot, transport, rstride)
+            transfer = self._send(COMBINE, slot, transport, rstride)
         except Exception:
             self._release(COMBINE, slot)
             raise
@@ -534,7 +566,7 @@ class LowLatencyEP:
         def launch():
             torch.ops.overlap.ll_combine_recv(handle.token_slot, self._symm.peer_bases, out, common, wait_flags)
 
-        hook = self._hook(COMBINE, slot, torch.cuda.current_stream(buf.device), events, launch, (out,), lambda: None,
+        hook = self._hook(COMBINE, slot, torch.cuda.current_stream(buf.device), transfer, launch, (out,), lambda: None,
                           kernel_waits=bool(wait_flags))
         if not return_recv_hook:
             hook()
