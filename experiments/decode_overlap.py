@@ -13,6 +13,8 @@ hook is called as late as its result allows (a hook spins on the SMs until its d
     A.part1 | dB flies ; hook dB, send cB ; A.part2 | cB flies ; send dA, hook cB ;
     B.part1 | dA flies ; hook dA, send cA ; B.part2 | cA flies ; send dB, hook cA (dB: next layer)
 
+The dispatch runs in bf16 and in FP8 (``--dispatch-dtypes``; FP8 is DeepSeek's decode setting,
+and its experts output a fixed bf16 tensor instead of the identity); the combine is bf16.
 B's first attention (fill) and A's last two transfers (drain) are exposed once per replay. Three
 schedules run under CUDA-graph replay, for each transport: `compute_only` (the same attention
 work, no communication), `sequential` (every transfer waited for at once: the layer without
@@ -122,11 +124,19 @@ def run_compute_only(attn, mbs, layers):
     return xa, xb
 
 
-def run_sequential(attn, ll, mbs, layers, transport):
-    """Attention, then dispatch and combine waited for at once, A then B: the layer without overlap."""
+def stand_in_experts(recv, y_fp8=None):
+    """The experts of this study: the identity on bf16 tokens. After an FP8 dispatch, a fixed bf16
+    output ``y_fp8`` in the receive layout (a real expert GEMM reads the e4m3 values and scales and
+    writes bf16; expert compute is not part of this study, and the combine moves the same bytes)."""
+    return recv if y_fp8 is None else y_fp8
+
+
+def run_sequential(attn, ll, mbs, layers, transport, y_fp8=None):
+    """Attention, then dispatch and combine waited for at once, A then B: the layer without overlap.
+    ``y_fp8``: dispatch in FP8, and the experts output it (see :func:`stand_in_experts`)."""
     def moe(x, m):
-        recv, _, handle, _ = ll.dispatch(x, m["idx"], m["w"], transport=transport)
-        return ll.combine(recv, None, None, handle)[0]
+        recv, _, handle, _ = ll.dispatch(x, m["idx"], m["w"], use_fp8=y_fp8 is not None, transport=transport)
+        return ll.combine(stand_in_experts(recv, y_fp8), None, None, handle)[0]
 
     xa, xb = mbs["A"]["x"], mbs["B"]["x"]
     for _ in range(layers):
@@ -135,17 +145,18 @@ def run_sequential(attn, ll, mbs, layers, transport):
     return xa, xb
 
 
-def run_overlapped(attn, ll, mbs, layers, transport):
+def run_overlapped(attn, ll, mbs, layers, transport, y_fp8=None):
     """The module docstring's schedule: the same work as :func:`run_sequential`, and the same
     result, with each transfer of one micro-batch in flight under an attention part of the other."""
     A, B = mbs["A"], mbs["B"]
 
     def send_dispatch(x, m):
-        recv, _, handle, hook = ll.dispatch(x, m["idx"], m["w"], return_recv_hook=True, transport=transport)
+        recv, _, handle, hook = ll.dispatch(x, m["idx"], m["w"], use_fp8=y_fp8 is not None, return_recv_hook=True,
+                                            transport=transport)
         return recv, handle, hook
 
     def send_combine(recv, handle):
-        return ll.combine(recv, None, None, handle, return_recv_hook=True)
+        return ll.combine(stand_in_experts(recv, y_fp8), None, None, handle, return_recv_hook=True)
 
     xa, xb = A["x"], None
     rb, hb, hook_db = send_dispatch(attn.part2(attn.part1(B["x"])), B)   # fill: B's layer-0 attention
@@ -174,7 +185,7 @@ def _rank(rank, world_size, args):
     runner = CaseRunner(rank, world_size, "decode_overlap", case_timeout_s=args.case_timeout,
                         finish=torch.cuda.synchronize)
     sink = ResultsSink(rank, args, "decode_overlap", timing=args.timing, case_timeout_s=args.case_timeout,
-                       tokens_per_micro_batch=args.tokens, ctx=args.ctx, heads=args.heads, experts_compute="identity",
+                       tokens_per_micro_batch=args.tokens, ctx=args.ctx, heads=args.heads, experts_compute="identity (bf16 dispatch); a fixed bf16 output (fp8 dispatch)",
                        layers_lo=args.layers[0], layers_hi=args.layers[1], target_ratio=TARGET_RATIO)
     kept = []   # buffers live until teardown (peers map them until then)
     _study(runner, sink, kept, args, rank, world_size, dev)
@@ -187,7 +198,7 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
     T, H, E, K = args.tokens, args.hidden, args.experts, args.topk
     lo, hi = args.layers
     base = {"op": "decode_layer", "num_tokens": T, "micro_batches": 2, "hidden": H, "topk": K, "num_experts": E,
-            "heads": args.heads, "ctx": args.ctx, "dtype": "bf16", "layers_lo": lo, "layers_hi": hi,
+            "heads": args.heads, "ctx": args.ctx, "layers_lo": lo, "layers_hi": hi,
             "timing": ("cuda_graph_replay" if args.timing == "graph" else "eager")
                       + ", per layer = (replay(L_hi) - replay(L_lo)) / (L_hi - L_lo)", "world_size": world_size}
     work = {}
@@ -241,7 +252,7 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
             for row in trace_rows(cases, args.profile_steps, hi, args.profile, comm=comm):
                 sink.add(row)
 
-    compute_row = {**base, "schedule": "compute_only", "backend": "none", "transport": None}
+    compute_row = {**base, "schedule": "compute_only", "backend": "none", "transport": None, "dtype": None}
     res = runner.run("compute setup (attention weights, KV cache, micro-batches)", setup_compute)
     if not res.ok:
         sink.add({**compute_row, "error": res.error_text()[:500]})
@@ -269,35 +280,64 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
         ll = holder["ll"]
         per_op = [sms_in_flight(transport, op, T, world_size, T, H, sm_count) for op in ("dispatch", "combine")]
         sms = None if None in per_op else max(per_op)
-        measured, profiled = {}, []
-        for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
-            fields, err = per_layer(f"{transport}: {schedule}",
-                                    lambda L, run=run, tr=transport: (lambda: run(attn, ll, mbs, L, tr)),
-                                    check=ll.check_status)
-            if fields is None:
-                sink.add({**where, "schedule": schedule, "error": err})
+        for dtype in args.dispatch_dtypes:
+            y_fp8 = None
+            if dtype == "fp8":
+                res = runner.run(f"{transport}: stand-in expert output for the FP8 dispatch",
+                                 lambda: holder.update(y_fp8=_stand_in_output(holder["buf"], dev)))
+                if not res.ok:
+                    sink.add({**where, "dtype": dtype, "schedule": "setup", "error": res.error_text()[:500]})
+                    break
+                y_fp8 = holder["y_fp8"]
+            if not _measure_transport(runner, sink, per_layer, profile, add_traces, compute, budget, attn, mbs, ll,
+                                      {**where, "dtype": dtype, "experts_compute": "identity" if y_fp8 is None
+                                       else "fixed bf16 output"}, sms, y_fp8):
                 break   # this transport's state may be out of step: leave it
-            measured[schedule] = fields["time_us"]
-            row = {**where, "schedule": schedule, "num_sms": sms, "sms_during_flight": sms, **fields,
-                   "ratio_to_compute_only": fields["time_us"] / compute["time_us"],
-                   "exposed_us_per_layer": fields["time_us"] - compute["time_us"]}
-            if schedule == "overlapped":
-                row["target_ratio"] = TARGET_RATIO
-                row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
-                row["exposed_budget_us_per_layer"] = budget
-                comm = measured["sequential"] - compute["time_us"]
-                if comm > 0:
-                    # Share of the sequential layer's communication time that the overlap hid.
-                    row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
-            sink.add(row)
-            res = profile(f"{schedule}_{transport}", lambda L, run=run, tr=transport: (lambda: run(attn, ll, mbs, L, tr)),
-                          check=ll.check_status)
-            profiled.append(({**where, "schedule": schedule}, res))
-            if res is not None and not res.ok:
-                break   # this transport's state may be out of step: leave it
-        # Both schedules' traces together: the sequential hooks' time beyond the overlapped ones'
-        # fastest launch is their wait for data in flight.
-        add_traces(profiled, comm=COPY_ENGINE_COMM if transport == "copy_engine" else ())
+
+
+def _measure_transport(runner, sink, per_layer, profile, add_traces, compute, budget, attn, mbs, ll, where, sms,
+                       y_fp8) -> bool:
+    """Both schedules of one transport and dispatch dtype (rows, and traces with --profile);
+    False once a case failed."""
+    transport, tag = where["transport"], where["transport"] + ("" if y_fp8 is None else "_fp8")
+    measured, profiled, ok = {}, [], True
+    for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
+        make = (lambda L, run=run: (lambda: run(attn, ll, mbs, L, transport, y_fp8)))
+        fields, err = per_layer(f"{tag}: {schedule}", make, check=ll.check_status)
+        if fields is None:
+            sink.add({**where, "schedule": schedule, "error": err})
+            ok = False
+            break
+        measured[schedule] = fields["time_us"]
+        row = {**where, "schedule": schedule, "num_sms": sms, "sms_during_flight": sms, **fields,
+               "ratio_to_compute_only": fields["time_us"] / compute["time_us"],
+               "exposed_us_per_layer": fields["time_us"] - compute["time_us"]}
+        if schedule == "overlapped":
+            row["target_ratio"] = TARGET_RATIO
+            row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
+            row["exposed_budget_us_per_layer"] = budget
+            comm = measured["sequential"] - compute["time_us"]
+            if comm > 0:
+                # Share of the sequential layer's communication time that the overlap hid.
+                row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
+        sink.add(row)
+        res = profile(f"{schedule}_{tag}", make, check=ll.check_status)
+        profiled.append(({**where, "schedule": schedule}, res))
+        if res is not None and not res.ok:
+            ok = False
+            break
+    # Both schedules' traces together: the sequential hooks' time beyond the overlapped ones'
+    # fastest launch is their wait for data in flight.
+    add_traces(profiled, comm=COPY_ENGINE_COMM if transport == "copy_engine" else ())
+    return ok
+
+
+def _stand_in_output(buf, dev):
+    """The experts' bf16 output after an FP8 dispatch (see stand_in_experts): random, in the receive
+    layout ``[E/W, W * M, hidden]``."""
+    g = torch.Generator(device=dev).manual_seed(11 + buf.rank)
+    shape = (buf.num_local_experts, buf.world_size * buf.max_tokens_per_rank, buf.hidden)
+    return (torch.randn(shape, generator=g, device=dev) * 0.5).to(torch.bfloat16)
 
 
 def trace_rows(cases: list, steps: int, layers: int, out_dir: str, comm=()) -> list:
@@ -357,6 +397,9 @@ def main(argv=None):
                    help="also trace compute_only and each transport's sequential and overlapped layer at L_HI with "
                         "torch.profiler, one Chrome trace per rank in DIR, and add op=trace rows (off by default)")
     p.add_argument("--profile-steps", type=int, default=3, help="replays per profiled trace")
+    p.add_argument("--dispatch-dtypes", nargs="+", default=["bf16", "fp8"], choices=("bf16", "fp8"),
+                   help="dispatch in bf16 (identity experts) and/or FP8 e4m3 (DeepSeek's decode setting; the experts "
+                        "then output a fixed bf16 tensor); the combine is bf16 either way")
     add_run_arguments(p, warmup=3, iters=20)
     args = p.parse_args(argv)
     lo, hi = args.layers
@@ -381,11 +424,12 @@ def main(argv=None):
 def print_summary(rows: list) -> None:
     """The per-layer table (and, with --profile, each traced replay's breakdown)."""
     layer_rows = [r for r in rows if r["op"] == "decode_layer"]
-    print(f"\n{'schedule':<14}{'transport':<13}{'SMs in flight':>14}{'us/layer':>10}{'x compute':>11}"
+    print(f"\n{'schedule':<14}{'transport':<13}{'dispatch':<9}{'SMs in flight':>14}{'us/layer':>10}{'x compute':>11}"
           f"{'exposed us':>12}{'hidden':>8}")
     for r in layer_rows:
+        dtype = str(r.get("dtype") or "-")
         if "time_us" not in r:
-            print(f"{r['schedule']:<14}{str(r.get('transport') or '-'):<13} failed: {r['error']}")
+            print(f"{r['schedule']:<14}{str(r.get('transport') or '-'):<13}{dtype:<9} failed: {r['error']}")
             continue
         sms = "-" if r["sms_during_flight"] is None else r["sms_during_flight"]
         exposed = "-" if "exposed_us_per_layer" not in r else f"{r['exposed_us_per_layer']:.1f}"
@@ -394,17 +438,19 @@ def print_summary(rows: list) -> None:
         if "meets_target" in r:
             verdict = (f"  target <= {TARGET_RATIO} (exposed <= {r['exposed_budget_us_per_layer']:.0f} us): "
                        f"{'met' if r['meets_target'] else 'NOT met'}")
-        print(f"{r['schedule']:<14}{str(r['transport'] or '-'):<13}{sms:>14}{r['time_us']:>10.1f}"
+        print(f"{r['schedule']:<14}{str(r['transport'] or '-'):<13}{dtype:<9}{sms:>14}{r['time_us']:>10.1f}"
               f"{r['ratio_to_compute_only']:>11.3f}{exposed:>12}{hidden:>8}{verdict}")
     traces = [r for r in rows if r["op"] == "trace"]
     if traces:
-        print(f"\ntraced replays (per layer, fill and drain included): {'schedule':<13}{'transport':<13}{'rank':>5}"
-              f"{'comm kernels us':>16}{'waiting us':>11}{'transfers us':>13}{'under compute':>14}{'GPU idle':>9}")
+        print(f"\ntraced replays (per layer, fill and drain included): {'schedule':<13}{'transport/dispatch':<19}"
+              f"{'rank':>5}{'comm kernels us':>16}{'waiting us':>11}{'transfers us':>13}{'under compute':>14}"
+              f"{'GPU idle':>9}")
         for r in traces:
+            what = "-" if r.get("transport") is None else f"{r['transport']}/{r.get('dtype') or '-'}"
             if "error" in r:
-                print(f"{'':<52}{r['schedule']:<13}{str(r.get('transport') or '-'):<13} failed: {r['error']}")
+                print(f"{'':<52}{r['schedule']:<13}{what:<19} failed: {r['error']}")
                 continue
-            print(f"{'':<52}{r['schedule']:<13}{str(r.get('transport') or '-'):<13}{r['rank']:>5}"
+            print(f"{'':<52}{r['schedule']:<13}{what:<19}{r['rank']:>5}"
                   f"{_num(r.get('comm_kernel_us_per_layer')):>16}{_num(r.get('comm_wait_us_per_layer')):>11}"
                   f"{_num(r.get('transfer_us_per_layer')):>13}{_pct(r.get('transfer_overlap_pct')):>14}"
                   f"{_pct(r.get('idle_pct')):>9}")

@@ -162,7 +162,7 @@ class FakeLowLatency:
         recv = torch.full_like(x, float("nan"))
         T, W = x.shape[0], self.world_size
         slots = torch.randint(-1, T, (T, W), dtype=torch.int32)
-        handle = SimpleNamespace(tag=self.names.get(id(topk_idx), "?"), received=False, token_slot=slots,
+        handle = SimpleNamespace(tag=self.names.get(id(topk_idx), "?"), received=False, token_slot=slots, num_tokens=T,
                                  src_counts=torch.randint(0, T + 1, (W,), dtype=torch.int32))
 
         def fill():
@@ -177,8 +177,10 @@ class FakeLowLatency:
     def combine(self, y, topk_idx, topk_weights, handle, *, return_recv_hook=False, transport=None, out=None):
         if not handle.received:
             raise RuntimeError("combine before the dispatch's hook")
-        sent = y.clone()
-        out = torch.full_like(y, float("nan")) if out is None else out.fill_(float("nan"))
+        # Identity experts hand back the received tokens; a stand-in expert output in the receive
+        # layout (FP8 dispatch) combines to its first rows here.
+        sent = y.reshape(-1, y.shape[-1])[:handle.num_tokens].clone()
+        out = torch.full_like(sent, float("nan")) if out is None else out.fill_(float("nan"))
         hook = self._issue("combine", handle.tag, lambda: out.copy_(sent))
         if not return_recv_hook:
             hook()
@@ -206,6 +208,28 @@ def _flights(log):
     hooks = {op: i for i, (what, op) in enumerate(log) if what == "hook"}
     return {op: sum(1 for what, _ in log[i + 1:hooks[op]] if what == "compute")
             for i, (what, op) in enumerate(log) if what == "send"}
+
+
+def test_fp8_schedules_dispatch_in_fp8_and_combine_the_stand_in_output():
+    seed = int(torch.randint(0, 10_000, (1,)))
+    attn = decode_overlap.MLALikeAttention(64, 4, 8, 6, "cpu", q_lora=32, kv_lora=16, rope=8, nope=8, v_dim=8)
+    mbs = decode_overlap.make_micro_batches(6, 64, 16, 4, seed=seed, device="cpu")
+    y = torch.randn(4, 6, 64).to(torch.bfloat16)   # [local experts, W * M, hidden]
+    outputs = {}
+    for schedule in ("sequential", "overlapped"):
+        fake = FakeLowLatency([], {})
+        fp8_flags = []
+        dispatch = fake.dispatch
+
+        def logged_dispatch(*a, use_fp8=False, **k):
+            fp8_flags.append(use_fp8)
+            return dispatch(*a, use_fp8=use_fp8, **k)
+
+        fake.dispatch = logged_dispatch
+        outputs[schedule] = getattr(decode_overlap, f"run_{schedule}")(attn, fake, mbs, 2, "copy_engine", y_fp8=y)
+        assert fp8_flags and all(fp8_flags)
+    assert all(torch.equal(a, b) for a, b in zip(outputs["sequential"], outputs["overlapped"]))
+    assert torch.equal(outputs["sequential"][0], y.reshape(-1, 64)[:6])   # the combine of the stand-in
 
 
 @pytest.mark.parametrize("layers", [1, 3])
@@ -267,6 +291,8 @@ class FakeEPBuffer:
         import torch.distributed as dist
 
         self.ll = FakeLowLatency([], {}, world_size=dist.get_world_size(), fail_on=FakeEPBuffer.fail_on)
+        self.rank, self.world_size, self.hidden = dist.get_rank(), dist.get_world_size(), hidden
+        self.num_local_experts, self.max_tokens_per_rank = num_experts // self.world_size, max_tokens_per_rank
 
 
 def _fake_graph_replay(fn, *, warmup=3, iters=50, replays_per_sample=10, profile_replays=0):
@@ -325,6 +351,7 @@ def _script_args(script, tmp_path, *extra):
     p.add_argument("--layers", type=int, nargs=2, default=[1, 2])
     p.add_argument("--profile", default=None)
     p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--dispatch-dtypes", nargs="+", default=["bf16", "fp8"])
     decode_bench.add_run_arguments(p, warmup=1, iters=3)
     args = p.parse_args(argv)
     args.world_size = 2
@@ -370,8 +397,10 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
     assert data["meta"]["partial"] is False and data["meta"]["target_ratio"] == decode_overlap.TARGET_RATIO
     assert data["rows"] == rows
     layer = [r for r in rows if r["op"] == "decode_layer"]
-    assert [(r["schedule"], r["transport"]) for r in layer] == [("compute_only", None)] + [
-        (s, t) for t in ("copy_engine", "sm", "nccl") for s in ("sequential", "overlapped")]
+    assert [(r["schedule"], r["transport"], r["dtype"]) for r in layer] == [("compute_only", None, None)] + [
+        (s, t, d) for t in ("copy_engine", "sm", "nccl") for d in ("bf16", "fp8") for s in ("sequential", "overlapped")]
+    assert all(r["experts_compute"] == ("identity" if r["dtype"] == "bf16" else "fixed bf16 output")
+               for r in layer[1:])
     base = layer[0]["time_us"]
     for r in layer:
         assert r["layers_lo"] == 1 and r["layers_hi"] == 2
@@ -389,15 +418,15 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
     for r in traces:
         assert "error" not in r, r
         path = prof / r["trace_file"]
-        assert path.name == (f"decode_overlap_{r['schedule']}{'' if r['transport'] is None else '_' + r['transport']}"
-                             f"_ws2_rank{r['rank']}.json.gz")
+        tag = "" if r["transport"] is None else "_" + r["transport"] + ("_fp8" if r["dtype"] == "fp8" else "")
+        assert path.name == f"decode_overlap_{r['schedule']}{tag}_ws2_rank{r['rank']}.json.gz"
         assert path.stat().st_size > 0
         assert r["mode"] == "cpu" and r["profile_steps"] == 2 and r["layers"] == 2
         assert r["span_us_per_replay"] > 0 and r["transfer_us_per_replay"] is None   # CPU: no copies
         assert all(not isinstance(v, (dict, list, tuple)) for v in r.values())
     decode_overlap.print_summary(rows)
     out = capsys.readouterr().out
-    assert "traced replays" in out and out.count("overlapped") >= 6 and "failed" not in out
+    assert "traced replays" in out and out.count("overlapped") >= 12 and "failed" not in out
 
 
 # ---------------------------------------------------------------------------------------------- arguments
