@@ -348,6 +348,17 @@ def test_deepseek_rows_summary_and_timeline(deepseek, tmp_path):
     assert os.path.getsize(png) > 20_000
 
 
+def test_cli_timeline_window(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    trace.write_text(json.dumps({"traceEvents": [kernel(GEMM, 0, 10, 7), kernel(NCCL, 5, 10, 27)]}))
+    png = str(tmp_path / "w.png")
+    analyze_mod.main([str(trace), "--png", png, "--window", "2", "12"])
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--window needs START_US < END_US"):
+        analyze_mod.main([str(trace), "--png", png, "--window", "5", "5"])
+
+
 @needs_deepseek
 def test_deepseek_cli(tmp_path, capsys):
     out_json, out_png = str(tmp_path / "d.json"), str(tmp_path / "d.png")

@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="meta.world_size of the results file")
     p.add_argument("--note", default=None, help="free text stored as meta.note")
     p.add_argument("--title", default=None, help="timeline title")
+    p.add_argument("--window", type=float, nargs=2, default=None, metavar=("START_US", "END_US"),
+                   help="timeline x-range, microseconds from the trace's first event")
     return p
 
 
@@ -560,13 +562,15 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> Trace
     args = build_parser().parse_args(argv)
     if args.sms is not None and args.sms < 1:
         raise SystemExit(f"--sms must be positive, got {args.sms}")
+    if args.window is not None and args.window[1] <= args.window[0]:
+        raise SystemExit(f"--window needs START_US < END_US, got {args.window[0]:g} {args.window[1]:g}")
     trace = load_trace(args.trace)
     analysis = analyze_trace(trace, comm=args.comm, compute=args.compute, num_sms=args.sms, source=args.source)
     print(analysis.summary(top=args.top))
     if args.png:
         from overlap.profiling.timeline import plot_timeline
 
-        plot_timeline(analysis, args.png, title=args.title)
+        plot_timeline(analysis, args.png, title=args.title, window_us=args.window)
         print(f"\ntimeline: {args.png}")
     if args.json:
         from overlap.bench import make_meta, write_results
