@@ -54,6 +54,19 @@ def test_expert_major_positions():
     assert pos.tolist() == [[2, -1], [0, 3], [-1, -1], [4, 1]]
 
 
+@pytest.mark.parametrize("R,E,k", [(0, 4, 2), (1, 1, 3), (257, 16, 4), (1000, 64, 8)])
+def test_expert_major_positions_match_the_routing_layout_definition(R, E, k):
+    """Random routings with -1 slots and repeated experts in a row (both slots share a position):
+    the same result as a routing layout with one rank per expert."""
+    idx = torch.randint(-1, E, (R, k))
+    counts, pos = expert_major_positions(idx, E)
+    lay = routing_layout(idx, E, E)
+    safe = idx.clamp(min=0)
+    want = lay.rank_offsets[safe] + lay.token_slot_in_rank.to(torch.int64).gather(1, safe)
+    assert torch.equal(counts, lay.num_tokens_per_rank)
+    assert torch.equal(pos, torch.where(idx >= 0, want, torch.full_like(want, -1)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,E,W,k", [(4096, 256, 2, 8), (4096, 256, 4, 8), (4096, 256, 8, 8), (0, 16, 4, 2),
                                      (1, 8, 8, 1), (5000, 64, 4, 6), (300, 4096, 64, 8),
