@@ -208,6 +208,8 @@ def test_cpu_trace_nesting_and_gloo_threads():
     d = a.devices[0]
     assert d.device == "cpu:100"
     assert (d.comm_us, d.compute_us, d.overlapped_us, d.exposed_us, d.span_us) == (15, 8, 3, 12, 20)
+    # A subset of all comm covers the same compute: thread 1's matmul under gloo's thread-2 transfer.
+    assert a.overlap_share_of("cpu:100", lambda n: True) == pytest.approx(d.overlap_share) == pytest.approx(3 / 15)
     assert d.comm_mean_sms is None
     names = {k.name for k in a.kernels}
     assert "ProfilerStep#1" not in names and "gloo:all_to_all" in names

@@ -186,10 +186,9 @@ class TraceAnalysis:
             raise KeyError(f"no device {device!r} in this analysis (have {list(self.exposed_intervals)})")
         comm_u = iv.union((e.ts, e.end) for e, cls in self.classified
                           if cls == COMM and e.lane[0] == device and keep(e.name))
-        comp_u = iv.union((e.ts, e.end) for e, cls in self.classified if cls == COMPUTE and e.lane[0] == device)
-        if self.mode == "cpu":  # nested CPU ops: an enclosing comm op owns the time (as in analyze_trace)
-            comp_u = iv.subtract(comp_u, iv.union((e.ts, e.end) for e, cls in self.classified
-                                                  if cls == COMM and e.lane[0] == device))
+        # The device's compute exactly as analyze_trace took it (per lane; in CPU mode without the
+        # time an enclosing comm op of the same thread owns).
+        comp_u = iv.union(x for lane, (_, comp) in self.lane_intervals.items() if lane[0] == device for x in comp)
         total = iv.total(comm_u)
         return iv.total(iv.intersect(comm_u, comp_u)) / total if total > 0 else None
 
