@@ -120,10 +120,10 @@ def test_kernel_tuning_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
     def tuning():
-        return KernelTuning.from_env(16, 6, 32, 4, 10, 16, 8)
+        return KernelTuning.from_env(16, 6, 32, 4, 10, 16, 5)
 
     assert tuning() == KernelTuning(send_warps=6, fp8_send_warps=10, send_chunk=4, copy_unroll=16, stamps=False,
-                                    combine_send_chunk=8)
+                                    combine_send_chunk=5)
     for name, value in zip(names, ("12", "3", "1", "8", "1", "2")):
         monkeypatch.setenv(name, value)
     assert tuning() == KernelTuning(send_warps=12, fp8_send_warps=3, send_chunk=1, copy_unroll=8, stamps=True,

@@ -95,8 +95,8 @@ class KernelTuning:
     fp8_send_warps: int
     send_chunk: int
     copy_unroll: int
+    combine_send_chunk: int
     stamps: bool = False
-    combine_send_chunk: int = 8
 
     def split(self, op: str, fp8: bool = False) -> tuple[int, int]:
         """``(send_warps, send_chunk)`` the kernel of ``op`` ("dispatch" or "combine") runs with."""
@@ -108,8 +108,8 @@ class KernelTuning:
 
     @classmethod
     def from_env(cls, num_warps: int, default_warps: int, max_chunk: int, default_chunk: int,
-                 default_fp8_warps: int, default_unroll: int, default_combine_chunk: int = 8) -> "KernelTuning":
-        """The kernels' defaults, overridden by ``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_FP8_SEND_WARPS``,
+                 default_fp8_warps: int, default_unroll: int, default_combine_chunk: int) -> "KernelTuning":
+        """The kernels' defaults (from ``intranode_layout``, i.e. intranode.cuh), overridden by ``OVERLAP_CUDA_SEND_WARPS``, ``OVERLAP_CUDA_FP8_SEND_WARPS``,
         ``OVERLAP_CUDA_SEND_CHUNK``, ``OVERLAP_CUDA_COMBINE_SEND_CHUNK``, ``OVERLAP_CUDA_COPY_UNROLL`` and
         ``OVERLAP_CUDA_STAMPS``."""
         def warps(name: str, default: int) -> int:
