@@ -104,16 +104,21 @@ def test_capture_rules_are_the_cuda_backends():
     assert TritonBackend.graph_capturable
 
 
-def test_signal_offsets_are_the_cuda_kernels():
-    """Both backends use one buffer: every signal word the Triton kernels touch sits where
-    csrc/kernels/intranode.cuh puts it."""
+def _cuda_signal_offsets() -> dict:
+    """The signal-word offsets csrc/kernels/intranode.cuh defines (``kErrorOffset``: 1024, ...)."""
     import pathlib
     import re
 
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc/kernels/intranode.cuh").read_text()
+    return {name: int(value) for name, value in re.findall(r"constexpr int64_t (k\w+Offset) = (\d+);", header)}
+
+
+def test_signal_offsets_are_the_cuda_kernels():
+    """Both backends use one buffer: every signal word the Triton kernels touch sits where
+    csrc/kernels/intranode.cuh puts it."""
     from overlap.triton_kernels import ep_intranode as k
 
-    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc/kernels/intranode.cuh").read_text()
-    cuda = {name: int(value) for name, value in re.findall(r"constexpr int64_t (k\w+Offset) = (\d+);", header)}
+    cuda = _cuda_signal_offsets()
     pairs = {"READY_OFFSET": "kReadyOffset", "DONE_OFFSET": "kDoneOffset", "ERROR_OFFSET": "kErrorOffset",
              "OP_COUNT_OFFSET": "kOpCountOffset", "FINISHED_OFFSET": "kFinishedOffset",
              "SEND_WORK_OFFSET": "kWorkOffset", "RECV_WORK_OFFSET": "kRecvWorkOffset"}
@@ -122,7 +127,8 @@ def test_signal_offsets_are_the_cuda_kernels():
 
 
 # ---------------------------------------------------------------------------------------------- CPU: fake ranks
-_OP_COUNT, _FINISHED, _ERROR, _SEND_WORK, _RECV_WORK = 1088, 1152, 1024, 1216, 1220
+_OP_COUNT, _FINISHED, _ERROR, _SEND_WORK, _RECV_WORK = (_cuda_signal_offsets()[name] for name in (
+    "kOpCountOffset", "kFinishedOffset", "kErrorOffset", "kWorkOffset", "kRecvWorkOffset"))
 
 
 class _FakeRanks:
