@@ -135,6 +135,7 @@ struct CommonParams {
 // backend (numpy, torch, Triton) rounds the same way. The region row then holds the hidden
 // fp8 bytes followed by the hidden / kFp8Block scales.
 constexpr int kFp8Block = 128;
+constexpr float kFp8Max = 448.0f;   // largest finite e4m3 value: scale = amax / kFp8Max
 
 struct DispatchParams {
   CommonParams c;

@@ -4,12 +4,23 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include "intranode.cuh"
 
 namespace overlap {
 namespace intranode {
 namespace dev {
+
+// ------------------------------------------------------------------------------------------ FP8
+// The blockwise e4m3 contract every cast (intranode and low-latency dispatch, Triton, the numpy
+// reference) matches bit for bit: scale = amax / kFp8Max (1 for an all-zero block), value =
+// x * (1 / scale), each step rounded to nearest, saturating. One reciprocal per block.
+__device__ __forceinline__ float fp8_scale(float amax) { return amax > 0.0f ? __fdiv_rn(amax, kFp8Max) : 1.0f; }
+__device__ __forceinline__ __nv_fp8x2_storage_t fp8x2(float a, float b, float inv_scale) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(a, inv_scale), __fmul_rn(b, inv_scale)), __NV_SATFINITE,
+                                  __NV_E4M3);
+}
 
 // ------------------------------------------------------------------------------------------ PTX
 __device__ __forceinline__ uint64_t global_timer_ns() {

@@ -96,14 +96,11 @@ struct Fp8Rows {
         }
 #pragma unroll
         for (int off = kGroupLanes / 2; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float s = amax > 0.0f ? __fdiv_rn(amax, 448.0f) : 1.0f;
-        const float inv = __frcp_rn(s);  // one division per block; x * inv is the contract
+        const float s = dev::fp8_scale(amax);
+        const float inv = __frcp_rn(s);
         scale[u] = s;
 #pragma unroll
-        for (int e = 0; e < kElems; e += 2) {
-          q[u].elem[e / 2] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[e], inv), __fmul_rn(f[e + 1], inv)),
-                                                      __NV_SATFINITE, __NV_E4M3);
-        }
+        for (int e = 0; e < kElems; e += 2) q[u].elem[e / 2] = dev::fp8x2(f[e], f[e + 1], inv);
       }
       for (unsigned m = dst_lanes; m != 0; m &= m - 1) {
         char* row = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, data_addr, __ffs(m) - 1));

@@ -76,14 +76,11 @@ __device__ __forceinline__ int2 quantise8(const int4& v, float* scale) {
   for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
 #pragma unroll
   for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  *scale = amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+  *scale = idev::fp8_scale(amax);
   const float inv = __frcp_rn(*scale);
   __nv_fp8x2_storage_t pairs[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(__fmul_rn(f[2 * i], inv), __fmul_rn(f[2 * i + 1], inv)),
-                                        __NV_SATFINITE, __NV_E4M3);
-  }
+  for (int i = 0; i < 4; ++i) pairs[i] = idev::fp8x2(f[2 * i], f[2 * i + 1], inv);
   return make_int2(static_cast<int>(pairs[0] | (static_cast<uint32_t>(pairs[1]) << 16)),
                    static_cast<int>(pairs[2] | (static_cast<uint32_t>(pairs[3]) << 16)));
 }
