@@ -91,3 +91,21 @@ def test_cuda_and_triton_layout_match_reference(T, E, W, k, idx_dtype):
         for field in ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank", "token_slot_in_rank"):
             a, b = getattr(got, field).cpu(), getattr(ref, field)
             assert a.dtype == b.dtype and torch.equal(a, b), f"{name}.{field} differs from the reference"
+
+
+@pytest.mark.gpu
+def test_cuda_layout_ignores_out_of_range_int64_ids_like_minus_one():
+    """Unvalidated ids outside [0, E) count as no expert in every output, also int64 ones whose
+    low 32 bits name a real expert (2^32 + 5)."""
+    from overlap.ep.cuda_ops import cuda_routing_layout
+
+    gen = torch.Generator().manual_seed(91)
+    T, E, W, k = 300, 64, 4, 6
+    idx = _random_topk(T, E, k, gen)
+    bad = torch.rand(T, k, generator=gen) < 0.2
+    garbage = idx.masked_fill(bad, 2 ** 32 + 5)
+    got = cuda_routing_layout(garbage.cuda(), E, W)
+    ref = routing_layout(idx.masked_fill(bad, -1), E, W)
+    for field in ("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank", "token_slot_in_rank"):
+        assert torch.equal(getattr(got, field).cpu(), getattr(ref, field)), field
+

@@ -73,12 +73,14 @@ routing_layout_kernel(const IdxT* __restrict__ topk_idx, int64_t num_tokens, int
         // together (the loop count is a runtime value: the compiler would not batch them itself).
         const IdxT* row = topk_idx + t * topk;
         for (int j0 = 0; j0 < topk; j0 += kIdsPerLoad) {
-          int ids[kIdsPerLoad];
+          IdxT ids[kIdsPerLoad];
 #pragma unroll
-          for (int j = 0; j < kIdsPerLoad; ++j) ids[j] = j0 + j < topk ? static_cast<int>(row[j0 + j]) : -1;
+          for (int j = 0; j < kIdsPerLoad; ++j) ids[j] = j0 + j < topk ? row[j0 + j] : IdxT(-1);
 #pragma unroll
           for (int j = 0; j < kIdsPerLoad; ++j) {
-            if (ids[j] < 0 || ids[j] >= num_experts) continue;  // unvalidated garbage: ignored like -1
+            // Unvalidated garbage is ignored like -1, compared at full width as the histogram
+            // blocks do (narrowed first, an int64 id of 2^32 + 5 would have counted as expert 5).
+            if (ids[j] < 0 || ids[j] >= num_experts) continue;
             const int i = rank_of[ids[j]] - r0;
             if (i >= 0 && i < ranks) hits |= 1u << i;
           }
