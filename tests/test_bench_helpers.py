@@ -77,3 +77,11 @@ def test_replay_timeline_gives_median_offsets_from_each_replays_first_record():
     got = replay_timeline(prof, per=2)
     assert got == ("pack_kernel@0.0-11.0; Memcpy PtoP (Device -> Device)@14.0-20.0; hook_kernel@22.0-35.0"), got
     assert replay_timeline(prof, per=4).startswith("unavailable: 6 device records")
+    # Records of two streams that start together may swap places between replays: they pair by name.
+    swapped = SimpleNamespace(events=lambda: [
+        evt("pack_kernel", 100.0, 110.0), evt("hook_kernel", 113.0, 130.0), evt("Memcpy PtoP", 113.5, 119.0),
+        evt("pack_kernel", 200.0, 210.0), evt("Memcpy PtoP", 212.5, 219.0), evt("hook_kernel", 213.0, 232.0)])
+    assert replay_timeline(swapped, per=2) == "pack_kernel@0.0-10.0; hook_kernel@13.0-31.0; Memcpy PtoP@13.0-19.0"
+    other = SimpleNamespace(events=lambda: [evt("pack_kernel", 0.0, 1.0), evt("hook_kernel", 2.0, 3.0),
+                                            evt("pack_kernel", 10.0, 11.0), evt("combine_kernel", 12.0, 13.0)])
+    assert replay_timeline(other, per=2).startswith("unavailable: the 2 profiled replays recorded different")

@@ -481,11 +481,11 @@ def _hook_outside_capture_raises(buf, x, idx, w) -> list:
 def _gpu_timeline(path, limit=40):
     """``name@start+dur`` (us from the first GPU event, by stream) of a trace's first GPU events:
     enough to see in a failure message which copy ran outside compute, and why."""
-    from overlap.profiling import load_trace, short_kernel_name
+    from overlap.profiling import kernel_label, load_trace
 
     evs = load_trace(path).gpu_events[:limit]
     t0 = evs[0].ts if evs else 0.0
-    return " ".join(f"[s{e.stream}]{short_kernel_name(e.name).split('::')[-1][:24]}@{e.ts - t0:.1f}+{e.dur:.1f}"
+    return " ".join(f"[s{e.stream}]{kernel_label(e.name)[:24]}@{e.ts - t0:.1f}+{e.dur:.1f}"
                     for e in evs)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from overlap.bench import read_results, write_results
-from overlap.profiling import (COMM, COMPUTE, Classifier, analyze_trace, kernel_class, load_trace,
+from overlap.profiling import (COMM, COMPUTE, Classifier, analyze_trace, kernel_class, kernel_label, load_trace,
                                plot_timeline, short_kernel_name)
 from overlap.profiling import analyze as analyze_mod
 from overlap.profiling import intervals as iv
@@ -251,6 +251,18 @@ def test_loading_formats_and_errors(tmp_path):
         analyze_trace([cpu_op("aten::mm", 0, 1, 1)], source="gpu")
 
 
+def test_kernel_labels():
+    """One-line labels: bare kernel names, the wrapped kernel of a launch wrapper, copies as named."""
+    assert kernel_label("void overlap::ll::(anonymous namespace)::dispatch_send_kernel("
+                        "overlap::ll::DispatchSendParams)") == "dispatch_send_kernel"
+    assert kernel_label("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<int> >(int)") == \
+        "GemmUniversal"
+    assert kernel_label("void cutlass::device_kernel<dpsk::grouped_gemm::cuda::fp8_ptp128c::GemmKernel>"
+                        "(dpsk::grouped_gemm::cuda::fp8_ptp128c::GemmKernel::Params)") == "fp8_ptp128c::GemmKernel"
+    assert kernel_label("Memcpy PtoP (Device -> Device)") == "Memcpy PtoP (Device -> Device)"
+    assert kernel_label("rotary_kernel") == "rotary_kernel"
+
+
 def test_short_kernel_names():
     assert short_kernel_name("void dpsk::ep::internode::combine<false, 8, __nv_bfloat16>(int4*, float*)") == \
         "dpsk::ep::internode::combine"
@@ -359,6 +371,8 @@ def test_cli_timeline_window(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--window needs START_US < END_US"):
         analyze_mod.main([str(trace), "--png", png, "--window", "5", "5"])
+    with pytest.raises(SystemExit, match="pass --png too"):
+        analyze_mod.main([str(trace), "--window", "2", "12"])
 
 
 @needs_deepseek

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from overlap.profiling.analyze import kernel_label
+
 _L2_FLUSH_BYTES = 256 << 20  # several times the H100/H200 L2 (50-60 MB)
 _flush_buffers: dict[int, torch.Tensor] = {}
 
@@ -117,15 +119,6 @@ def time_graph_replay(fn: Callable[[], object], *, warmup: int = 3, iters: int =
     return out
 
 
-def _record_name(name: str) -> str:
-    """A device record's name for one-line summaries: bare kernel names (namespaces make the
-    line unreadable), copy and memset records as the profiler names them."""
-    from overlap.profiling.analyze import short_kernel_name
-
-    short = short_kernel_name(name)
-    return short if short.startswith(("Memcpy", "Memset")) else short.split("::")[-1]
-
-
 def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
     """Device time of each kernel / memcpy name in a torch profile, per ``per`` (e.g. the replays
     profiled): ``"name=us xcount; ..."``, largest first, ``top`` names; ``us`` = the median
@@ -135,7 +128,7 @@ def device_time_by_name(prof, per: int = 1, top: int = 8) -> str:
     durations: dict[str, list] = {}
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA:
-            durations.setdefault(_record_name(evt.name), []).append(evt.device_time_total)
+            durations.setdefault(kernel_label(evt.name), []).append(evt.device_time_total)
     totals = {name: (statistics.median(d) * len(d) / per, len(d) / per) for name, d in durations.items()}
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return "; ".join(f"{name}={us:.1f}us x{n:g}" for name, (us, n) in ranked)
@@ -146,19 +139,28 @@ def replay_timeline(prof, per: int) -> str:
     ``"name@start-end; ..."`` in start order, each figure the median over the ``per`` profiled
     replays (µs). The gaps between records are the dependency and launch latency the per-name
     times of :func:`device_time_by_name` leave out. Replays run one after another, so sorting
-    all records by start and cutting them into ``per`` equal runs recovers each replay; when the
-    record count is not a multiple of ``per`` (a profiler flush lost one) it says so instead.
+    all records by start and cutting them into ``per`` equal runs recovers each replay; records
+    pair up across replays by name and occurrence (two streams' records that start together may
+    swap places). When the record count is not a multiple of ``per`` (a profiler flush lost one),
+    or the replays' records differ, it says so instead.
     """
-    records = sorted((evt.time_range.start, evt.time_range.end, evt.name) for evt in prof.events()
+    records = sorted((evt.time_range.start, evt.time_range.end, kernel_label(evt.name)) for evt in prof.events()
                      if evt.device_type == torch.autograd.DeviceType.CUDA)
     if per < 1 or not records or len(records) % per:
         return f"unavailable: {len(records)} device records for {per} replays"
     n = len(records) // per
-    replays = [records[i * n:(i + 1) * n] for i in range(per)]
+    keyed = []   # per replay: {(name, occurrence): (start, end) from the replay's first record}
+    for i in range(per):
+        replay, seen, spans = records[i * n:(i + 1) * n], {}, {}
+        for start, end, name in replay:
+            seen[name] = seen.get(name, -1) + 1
+            spans[(name, seen[name])] = (start - replay[0][0], end - replay[0][0])
+        keyed.append(spans)
+    if any(spans.keys() != keyed[0].keys() for spans in keyed):
+        return f"unavailable: the {per} profiled replays recorded different kernels and copies"
     parts = []
-    for pos in range(n):
-        name = _record_name(replays[0][pos][2])
-        start = statistics.median(r[pos][0] - r[0][0] for r in replays)
-        end = statistics.median(r[pos][1] - r[0][0] for r in replays)
-        parts.append(f"{name}@{start:.1f}-{end:.1f}")
+    for key in sorted(keyed[0], key=lambda k: statistics.median(spans[k][0] for spans in keyed)):
+        start = statistics.median(spans[key][0] for spans in keyed)
+        end = statistics.median(spans[key][1] for spans in keyed)
+        parts.append(f"{key[0]}@{start:.1f}-{end:.1f}")
     return "; ".join(parts)

@@ -15,7 +15,7 @@ import importlib
 # module already imported by the package, and importing the package stays cheap.
 _EXPORTS = {
     "analyze": ("DeviceStats", "KernelStats", "StreamStats", "TraceAnalysis", "analyze_ranks", "analyze_trace",
-                "short_kernel_name"),
+                "kernel_label", "short_kernel_name"),
     "breakdown": ("CommBreakdown", "comm_breakdown", "kernel_minima"),
     "capture": ("capture_trace", "trace_path"),
     "classify": ("COMM", "COMPUTE", "Classifier", "kernel_class"),

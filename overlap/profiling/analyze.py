@@ -136,9 +136,11 @@ class TraceAnalysis:
     devices: list[DeviceStats]
     streams: list[StreamStats]
     kernels: list[KernelStats]
-    # For the timeline: per lane (comm union, compute union), per device the exposed comm.
+    # For the timeline: per lane (comm union, compute union), per device the exposed comm and the
+    # compute union.
     lane_intervals: dict = field(default_factory=dict, repr=False)
     exposed_intervals: dict = field(default_factory=dict, repr=False)
+    compute_intervals: dict = field(default_factory=dict, repr=False)
     classified: list = field(default_factory=list, repr=False)  # (TraceEvent, cls)
     start_us: float = 0.0
 
@@ -173,9 +175,10 @@ class TraceAnalysis:
         if exposed is None:
             raise KeyError(f"no device {device!r} in this analysis (have {list(self.exposed_intervals)})")
         out: dict[str, float] = collections.defaultdict(float)
+        starts = [s for s, _ in exposed]
         for e, cls in self.classified:
             if cls == COMM and e.lane[0] == device:
-                out[short_kernel_name(e.name)] += iv.total(iv.intersect([(e.ts, e.end)], exposed))
+                out[short_kernel_name(e.name)] += iv.covered_length(e.ts, e.end, exposed, starts)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def overlap_share_of(self, device: str, keep: Callable[[str], bool]) -> float | None:
@@ -186,9 +189,7 @@ class TraceAnalysis:
             raise KeyError(f"no device {device!r} in this analysis (have {list(self.exposed_intervals)})")
         comm_u = iv.union((e.ts, e.end) for e, cls in self.classified
                           if cls == COMM and e.lane[0] == device and keep(e.name))
-        # The device's compute exactly as analyze_trace took it (per lane; in CPU mode without the
-        # time an enclosing comm op of the same thread owns).
-        comp_u = iv.union(x for lane, (_, comp) in self.lane_intervals.items() if lane[0] == device for x in comp)
+        comp_u = self.compute_intervals[device]   # per lane, as analyze_trace took it
         total = iv.total(comm_u)
         return iv.total(iv.intersect(comm_u, comp_u)) / total if total > 0 else None
 
@@ -342,6 +343,17 @@ def short_kernel_name(name: str) -> str:
     return bare.replace("{anon}", "(anonymous)") or name
 
 
+def kernel_label(name: str) -> str:
+    """A record's name for one-line summaries and timeline bars: the bare kernel name (namespaces
+    make a line unreadable), a launch wrapper's wrapped kernel (``cutlass::device_kernel<ns::GemmKernel>``
+    -> ``ns::GemmKernel``), copy and memset records as the profiler names them."""
+    short = short_kernel_name(name)
+    if "<" in short:  # a launch wrapper: the wrapped kernel says more
+        short = short[short.index("<") + 1:].rstrip(">")
+    parts = [p for p in short.split("::") if p]
+    return (parts[-2] + "::" + parts[-1]) if len(parts) >= 2 and parts[-1] in ("GemmKernel", "Kernel") else parts[-1]
+
+
 def _natural_key(v: Any) -> tuple:
     """Sort "cuda:10" after "cuda:2" and stream 27 after stream 7."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(v)))
@@ -424,6 +436,7 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
 
     devices: list[DeviceStats] = []
     exposed_intervals: dict[str, list] = {}
+    compute_intervals: dict[str, list] = {}
     for dev in sorted({lane[0] for lane in by_lane}, key=_natural_key):
         lanes = [lane for lane in lane_intervals if lane[0] == dev]
         comm_u = iv.union(x for lane in lanes for x in lane_intervals[lane][0])
@@ -431,7 +444,7 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
         evs = [(e, c) for lane in lanes for e, c in by_lane[lane]]
         comm_us, overlapped = iv.total(comm_u), iv.total(iv.intersect(comm_u, comp_u))
         exposed_u = iv.subtract(comm_u, comp_u)
-        exposed_intervals[dev] = exposed_u
+        exposed_intervals[dev], compute_intervals[dev] = exposed_u, comp_u
         span = max(e.end for e, _ in evs) - min(e.ts for e, _ in evs)
         dev_sms = num_sms if num_sms is not None else trace.num_sms(dev)
         stats = DeviceStats(
@@ -450,6 +463,7 @@ def analyze_trace(trace: Trace | str | os.PathLike | dict | list, *, classifier:
     start = min((e.ts for e, _ in classified), default=0.0)
     return TraceAnalysis(source=trace.path, mode=mode, devices=devices, streams=streams, kernels=kernels,
                          lane_intervals=lane_intervals, exposed_intervals=exposed_intervals,
+                         compute_intervals=compute_intervals,
                          classified=classified, start_us=start)
 
 
@@ -561,6 +575,8 @@ def main(argv: Sequence[str] | None = None, command: str | None = None) -> Trace
     args = build_parser().parse_args(argv)
     if args.sms is not None and args.sms < 1:
         raise SystemExit(f"--sms must be positive, got {args.sms}")
+    if args.window is not None and not args.png:
+        raise SystemExit("--window sets the timeline's x-range: pass --png too")
     if args.window is not None and args.window[1] <= args.window[0]:
         raise SystemExit(f"--window needs START_US < END_US, got {args.window[0]:g} {args.window[1]:g}")
     trace = load_trace(args.trace)

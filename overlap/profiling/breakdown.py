@@ -128,9 +128,7 @@ def comm_breakdown(analysis, device: str, *, baseline_us: dict | None = None) ->
     """
     if analysis.mode != "gpu":
         raise ValueError(f"comm_breakdown needs a GPU-mode analysis (kernels and copies), got mode={analysis.mode!r}")
-    lanes = [lane for lane in analysis.lane_intervals if lane[0] == device]
-    if not lanes:
+    if device not in analysis.compute_intervals:
         raise KeyError(f"no device {device!r} in this analysis (have {[d.device for d in analysis.devices]})")
     events = [(e, c) for e, c in analysis.classified if e.device == device]
-    compute_u = iv.union(x for lane in lanes for x in analysis.lane_intervals[lane][1])
-    return breakdown_events(device, events, compute_u, baseline_us=baseline_us)
+    return breakdown_events(device, events, analysis.compute_intervals[device], baseline_us=baseline_us)

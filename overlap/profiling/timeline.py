@@ -10,18 +10,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from overlap.profiling.analyze import TraceAnalysis, short_kernel_name
+from overlap.profiling.analyze import TraceAnalysis, kernel_label
 from overlap.profiling.classify import COMM, COMPUTE
 
 COLOURS = {COMM: "#d62728", COMPUTE: "#1f77b4", "exposed": "#111111"}
-
-
-def _label(name: str) -> str:
-    short = short_kernel_name(name)
-    if "<" in short:  # cutlass::device_kernel<ns::GemmKernel>: the wrapped kernel says more
-        short = short[short.index("<") + 1:].rstrip(">")
-    parts = [p for p in short.split("::") if p]
-    return (parts[-2] + "::" + parts[-1]) if len(parts) >= 2 and parts[-1] in ("GemmKernel", "Kernel") else parts[-1]
 
 
 def plot_timeline(analysis: TraceAnalysis, out_path: str, *, title: str | None = None,
@@ -78,7 +70,7 @@ def plot_timeline(analysis: TraceAnalysis, out_path: str, *, title: str | None =
             if e.lane != lane_key or e.dur < label_min_share * span:
                 continue
             a, b = max(e.ts - t0, lo), min(e.end - t0, hi)
-            text = _label(e.name)
+            text = kernel_label(e.name)
             # Label only bars the text fits in (about 0.5 em per character at 6 pt).
             if b > a and (b - a) / span * axes_width_pt > 0.5 * 6 * len(text):
                 ax.text((a + b) / 2 / scale, y, text, ha="center", va="center", fontsize=6, color="white",
