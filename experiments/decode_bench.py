@@ -265,7 +265,8 @@ def rank_device() -> torch.device:
 
 
 def time_case(fn: Callable[[], Any], args, control: StoreControl) -> dict:
-    """Median/min of ``fn`` under CUDA-graph replay, or eager with the ranks meeting before each sample."""
+    """Median/min of ``fn`` under CUDA-graph replay, or eager with the ranks meeting before each sample
+    (``args.profile_replays``, where the script has it: also profile that many replays)."""
     if args.timing == "graph":
         return time_graph_replay(fn, warmup=args.warmup, iters=args.iters,
                                  profile_replays=getattr(args, "profile_replays", 0))
@@ -402,13 +403,13 @@ def release(kept: list, runner: CaseRunner) -> None:
 
 def reduce_row(row: dict, timings: list, wire: list, logical: list) -> dict:
     """Fill time (slowest rank's median and min) and bytes/bandwidth (mean over ranks) into ``row``."""
-    time_us = max(t["time_us"] for t in timings)
+    slowest = max(timings, key=lambda t: t["time_us"])
+    time_us = slowest["time_us"]
     wire_b, logical_b = sum(wire) / len(wire), sum(logical) / len(logical)
     row.update({"time_us": time_us, "min_us": max(t["min_us"] for t in timings),
                 "time_us_per_rank": " ".join(f"{t['time_us']:.2f}" for t in timings),
                 "wire_gbps": wire_b / time_us / 1e3, "logical_gbps": logical_b / time_us / 1e3,
                 "wire_bytes_per_rank": wire_b, "logical_bytes_per_rank": logical_b})
-    slowest = max(timings, key=lambda t: t["time_us"])
     if "device_us_by_name" in slowest:   # --profile-replays: where the slowest rank's replay spends device time
         row["device_us_by_name_slowest_rank"] = slowest["device_us_by_name"]
         row["replay_timeline_slowest_rank"] = slowest.get("replay_timeline", "")
@@ -425,18 +426,20 @@ def add_size_arguments(p: argparse.ArgumentParser, gpus: int, *, tokens_help: st
     p.add_argument("--experts", type=int, default=256)
 
 
-def add_run_arguments(p: argparse.ArgumentParser, *, warmup: int, iters: int) -> None:
-    """Options both decode scripts share: timing mode, counts, guards, output."""
+def add_run_arguments(p: argparse.ArgumentParser, *, warmup: int, iters: int, profile_replays: bool = True) -> None:
+    """Options both decode scripts share: timing mode, counts, guards, output; ``--profile-replays``
+    only where the rows record what it measures (``profile_replays``)."""
     p.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
     p.add_argument("--timing", choices=("graph", "eager"), default="graph",
                    help="graph: CUDA-graph replay (the reported figure); eager: no graphs (launch-bound; "
                         "a diagnostic that leaves graph capture out)")
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--iters", type=int, default=iters)
-    p.add_argument("--profile-replays", type=int, default=0,
-                   help="graph timing: profile this many more replays and record each kernel's and copy's device "
-                        "time per replay (device_us_by_name_slowest_rank) and when each starts and ends "
-                        "(replay_timeline_slowest_rank); 0: off")
+    if profile_replays:
+        p.add_argument("--profile-replays", type=int, default=0,
+                           help="graph timing: profile this many more replays and record each kernel's and copy's "
+                            "device time per replay (device_us_by_name_slowest_rank) and when each starts and ends "
+                            "(replay_timeline_slowest_rank); 0: off")
     p.add_argument("--case-timeout", type=float, default=120.0,
                    help="seconds one case may run before the rank reports a stall and exits (code 124)")
     p.add_argument("--timeout", type=float, default=540.0,
@@ -452,7 +455,7 @@ def check_run_arguments(p: argparse.ArgumentParser, args, gpus: int) -> None:
         p.error(f"--world-size {args.world_size} needs {args.world_size} GPUs; this machine has {gpus}")
     if args.experts % args.world_size:
         p.error(f"--experts {args.experts} must be a multiple of --world-size {args.world_size}")
-    if args.profile_replays < 0:
+    if getattr(args, "profile_replays", 0) < 0:
         p.error(f"--profile-replays must be >= 0, got {args.profile_replays}")
     if args.warmup < 0 or args.iters < 1:
         p.error(f"--warmup must be >= 0 and --iters >= 1, got {args.warmup} and {args.iters}")

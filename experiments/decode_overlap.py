@@ -185,7 +185,8 @@ def _rank(rank, world_size, args):
     runner = CaseRunner(rank, world_size, "decode_overlap", case_timeout_s=args.case_timeout,
                         finish=torch.cuda.synchronize)
     sink = ResultsSink(rank, args, "decode_overlap", timing=args.timing, case_timeout_s=args.case_timeout,
-                       tokens_per_micro_batch=args.tokens, ctx=args.ctx, heads=args.heads, experts_compute="identity (bf16 dispatch); a fixed bf16 output (fp8 dispatch)",
+                       tokens_per_micro_batch=args.tokens, ctx=args.ctx, heads=args.heads,
+                       experts_compute="identity (bf16 dispatch); a fixed bf16 output (fp8 dispatch)",
                        layers_lo=args.layers[0], layers_hi=args.layers[1], target_ratio=TARGET_RATIO)
     kept = []   # buffers live until teardown (peers map them until then)
     _study(runner, sink, kept, args, rank, world_size, dev)
@@ -267,6 +268,41 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
     # The communication a layer may still expose and meet the target.
     budget = (TARGET_RATIO - 1.0) * compute["time_us"]
 
+    def measure(ll, where, sms, y_fp8) -> bool:
+        """Both schedules of one transport and dispatch dtype (rows, and traces with --profile);
+        False once a case failed."""
+        transport, tag = where["transport"], where["transport"] + ("" if y_fp8 is None else "_fp8")
+        measured, profiled, ok = {}, [], True
+        for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
+            make = (lambda L, run=run: (lambda: run(attn, ll, mbs, L, transport, y_fp8)))
+            fields, err = per_layer(f"{tag}: {schedule}", make, check=ll.check_status)
+            if fields is None:
+                sink.add({**where, "schedule": schedule, "error": err})
+                ok = False
+                break
+            measured[schedule] = fields["time_us"]
+            row = {**where, "schedule": schedule, "num_sms": sms, "sms_during_flight": sms, **fields,
+                   "ratio_to_compute_only": fields["time_us"] / compute["time_us"],
+                   "exposed_us_per_layer": fields["time_us"] - compute["time_us"]}
+            if schedule == "overlapped":
+                row["target_ratio"] = TARGET_RATIO
+                row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
+                row["exposed_budget_us_per_layer"] = budget
+                comm = measured["sequential"] - compute["time_us"]
+                if comm > 0:
+                    # Share of the sequential layer's communication time that the overlap hid.
+                    row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
+            sink.add(row)
+            res = profile(f"{schedule}_{tag}", make, check=ll.check_status)
+            profiled.append(({**where, "schedule": schedule}, res))
+            if res is not None and not res.ok:
+                ok = False
+                break
+        # Both schedules' traces together: the sequential hooks' time beyond the overlapped ones'
+        # fastest launch is their wait for data in flight.
+        add_traces(profiled, comm=COPY_ENGINE_COMM if transport == "copy_engine" else ())
+        return ok
+
     sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
     for transport in args.transports:
         where = {**base, "backend": f"ll_{transport}", "transport": transport}
@@ -289,47 +325,9 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
                     sink.add({**where, "dtype": dtype, "schedule": "setup", "error": res.error_text()[:500]})
                     break
                 y_fp8 = holder["y_fp8"]
-            if not _measure_transport(runner, sink, per_layer, profile, add_traces, compute, budget, attn, mbs, ll,
-                                      {**where, "dtype": dtype, "experts_compute": "identity" if y_fp8 is None
-                                       else "fixed bf16 output"}, sms, y_fp8):
+            if not measure(ll, {**where, "dtype": dtype,
+                                "experts_compute": "identity" if y_fp8 is None else "fixed bf16 output"}, sms, y_fp8):
                 break   # this transport's state may be out of step: leave it
-
-
-def _measure_transport(runner, sink, per_layer, profile, add_traces, compute, budget, attn, mbs, ll, where, sms,
-                       y_fp8) -> bool:
-    """Both schedules of one transport and dispatch dtype (rows, and traces with --profile);
-    False once a case failed."""
-    transport, tag = where["transport"], where["transport"] + ("" if y_fp8 is None else "_fp8")
-    measured, profiled, ok = {}, [], True
-    for schedule, run in (("sequential", run_sequential), ("overlapped", run_overlapped)):
-        make = (lambda L, run=run: (lambda: run(attn, ll, mbs, L, transport, y_fp8)))
-        fields, err = per_layer(f"{tag}: {schedule}", make, check=ll.check_status)
-        if fields is None:
-            sink.add({**where, "schedule": schedule, "error": err})
-            ok = False
-            break
-        measured[schedule] = fields["time_us"]
-        row = {**where, "schedule": schedule, "num_sms": sms, "sms_during_flight": sms, **fields,
-               "ratio_to_compute_only": fields["time_us"] / compute["time_us"],
-               "exposed_us_per_layer": fields["time_us"] - compute["time_us"]}
-        if schedule == "overlapped":
-            row["target_ratio"] = TARGET_RATIO
-            row["meets_target"] = row["ratio_to_compute_only"] <= TARGET_RATIO
-            row["exposed_budget_us_per_layer"] = budget
-            comm = measured["sequential"] - compute["time_us"]
-            if comm > 0:
-                # Share of the sequential layer's communication time that the overlap hid.
-                row["hidden_comm_share"] = (measured["sequential"] - fields["time_us"]) / comm
-        sink.add(row)
-        res = profile(f"{schedule}_{tag}", make, check=ll.check_status)
-        profiled.append(({**where, "schedule": schedule}, res))
-        if res is not None and not res.ok:
-            ok = False
-            break
-    # Both schedules' traces together: the sequential hooks' time beyond the overlapped ones'
-    # fastest launch is their wait for data in flight.
-    add_traces(profiled, comm=COPY_ENGINE_COMM if transport == "copy_engine" else ())
-    return ok
 
 
 def _stand_in_output(buf, dev):
@@ -400,7 +398,7 @@ def main(argv=None):
     p.add_argument("--dispatch-dtypes", nargs="+", default=["bf16", "fp8"], choices=("bf16", "fp8"),
                    help="dispatch in bf16 (identity experts) and/or FP8 e4m3 (DeepSeek's decode setting; the experts "
                         "then output a fixed bf16 tensor); the combine is bf16 either way")
-    add_run_arguments(p, warmup=3, iters=20)
+    add_run_arguments(p, warmup=3, iters=20, profile_replays=False)   # per-layer slopes: see --profile
     args = p.parse_args(argv)
     lo, hi = args.layers
     if not 1 <= lo < hi:

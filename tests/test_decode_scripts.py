@@ -436,6 +436,7 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
     (decode_overlap, ["--layers", "3", "3"], "L_LO < L_HI"),
     (decode_overlap, ["--layers", "0", "2"], "L_LO < L_HI"),
     (decode_overlap, ["--profile-steps", "0"], "--profile-steps must be >= 1"),
+    (decode_overlap, ["--profile-replays", "5"], "unrecognized arguments: --profile-replays"),   # see --profile
 ])
 def test_bad_arguments_are_rejected_before_any_rank_starts(script, argv, message, capsys):
     with pytest.raises(SystemExit) as info:

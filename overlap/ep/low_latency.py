@@ -40,6 +40,7 @@ With ``OVERLAP_LL_STAMPS=1`` the kernels stamp each block's phases (:meth:`LowLa
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -71,8 +72,6 @@ def flag_write_method(can_write: Optional[bool] = None) -> str:
     the default where the driver has it) or ``"memcpy"`` (a 4-byte peer copy of a constant 1).
     ``OVERLAP_LL_FLAG_WRITE`` chooses; ``"memop"`` without driver support raises. ``can_write``:
     whether the driver has stream memory writes (asked of the extension when None)."""
-    import os
-
     want = os.environ.get("OVERLAP_LL_FLAG_WRITE", "")
     if want and want not in FLAG_WRITES:
         raise ValueError(f"OVERLAP_LL_FLAG_WRITE must be one of {FLAG_WRITES}, got {want!r}")
@@ -232,8 +231,6 @@ class LowLatencyEP:
                               for k in (DISPATCH, COMBINE) for s in range(num_slots) for d in self._side}
         self.flag_write = flag_write_method()
         # Diagnostics: per-block phase stamps of the last pack and hook kernels (kernel_stamps()).
-        import os
-
         self._stamps = (torch.zeros(2, 4096, 8, dtype=torch.int64, device=buffer.device)
                         if os.environ.get("OVERLAP_LL_STAMPS") == "1" else None)
         self._one = torch.ones(1, dtype=torch.int32, device=buffer.device)   # source of memcpy-raised flags
@@ -393,8 +390,9 @@ class LowLatencyEP:
                     torch.cuda.is_current_stream_capturing()
                     and torch.ops.overlap.ll_capture_point()[0] == transfer.capture_id):
                 self._release(kind, slot)
-                raise RuntimeError(f"the hook of a low-latency {KIND_NAMES[kind]} sent during a CUDA-graph capture must "
-                                   "be called inside that capture (its copies join the graph there); nothing was sent")
+                raise RuntimeError(f"the hook of a low-latency {KIND_NAMES[kind]} sent during a CUDA-graph capture "
+                                   "must be called inside that capture (its copies join the graph there); nothing "
+                                   "was sent")
             stream = torch.cuda.current_stream(self.buffer.device)
             if stream != send_stream:
                 # The hook reads this operation's sequence number, which its pack kernel wrote.
