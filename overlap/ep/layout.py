@@ -38,8 +38,25 @@ class RoutingLayout:
     @property
     def rank_offsets(self) -> torch.Tensor:
         """``[W]`` int64 exclusive prefix sum of ``num_tokens_per_rank``: each rank's first send row."""
-        counts = self.num_tokens_per_rank.to(torch.int64)
-        return torch.cumsum(counts, 0) - counts
+        return _exclusive_prefix(self.num_tokens_per_rank)
+
+
+def _exclusive_prefix(counts: torch.Tensor) -> torch.Tensor:
+    """int64 exclusive prefix sum: where each group's rows start."""
+    counts = counts.to(torch.int64)
+    return torch.cumsum(counts, 0) - counts
+
+
+def _group_slots(group: torch.Tensor, valid: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows whose valid slots name groups (``group [R, k]``, ``valid [R, k]``): ``in_group [R, G]``
+    int32, 1 where some valid slot of the row names the group (a group named twice counts once), and
+    the row's position among the group's rows in ascending row order (meaningful where in_group)."""
+    # Count hits rather than scatter booleans: an invalid slot must not clear a hit. scatter_add
+    # rather than bincount: no data-dependent shape, so no host sync.
+    hits = torch.zeros(group.shape[0], num_groups, dtype=torch.int32, device=group.device)
+    hits.scatter_add_(1, group, valid.to(torch.int32))
+    in_group = (hits > 0).to(torch.int32)
+    return in_group, torch.cumsum(in_group, dim=0, dtype=torch.int32) - in_group
 
 
 def routing_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> RoutingLayout:
@@ -47,7 +64,6 @@ def routing_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     if num_experts % num_ranks != 0:
         raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
     experts_per_rank = num_experts // num_ranks
-    num_tokens = topk_idx.shape[0]
     device = topk_idx.device
     valid = topk_idx >= 0
     idx = topk_idx.to(torch.int64)
@@ -55,12 +71,8 @@ def routing_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     expert_counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     expert_counts.scatter_add_(0, idx.clamp(min=0).flatten(), valid.flatten().to(torch.int32))
     dest_rank = torch.where(valid, idx // experts_per_rank, torch.zeros_like(idx))
-    # Count hits per (token, rank) rather than scatter booleans: a -1 slot must not clear a hit.
-    hits = torch.zeros(num_tokens, num_ranks, dtype=torch.int32, device=device)
-    hits.scatter_add_(1, dest_rank, valid.to(torch.int32))
-    is_in_rank = hits > 0
-    in_rank_i = is_in_rank.to(torch.int32)
-    slot = torch.cumsum(in_rank_i, dim=0, dtype=torch.int32) - in_rank_i
+    in_rank_i, slot = _group_slots(dest_rank, valid, num_ranks)
+    is_in_rank = in_rank_i > 0
     slot = torch.where(is_in_rank, slot, torch.full_like(slot, -1))
     return RoutingLayout(
         num_tokens_per_rank=in_rank_i.sum(0, dtype=torch.int32),
@@ -115,11 +127,7 @@ def expert_major_positions(local_topk_idx: torch.Tensor, num_local_experts: int)
     idx = local_topk_idx.to(torch.int64)
     valid = idx >= 0
     safe = idx.clamp(min=0)
-    hits = torch.zeros(idx.shape[0], num_local_experts, dtype=torch.int32, device=idx.device)
-    hits.scatter_add_(1, safe, valid.to(torch.int32))   # a repeated expert counts the row once, below
-    in_expert = (hits > 0).to(torch.int32)
-    row_in_expert = torch.cumsum(in_expert, dim=0, dtype=torch.int32) - in_expert
+    in_expert, row_in_expert = _group_slots(safe, valid, num_local_experts)
     counts = in_expert.sum(0, dtype=torch.int32)
-    offsets = torch.cumsum(counts.to(torch.int64), 0) - counts.to(torch.int64)
-    pos = offsets[safe] + row_in_expert.to(torch.int64).gather(1, safe)
+    pos = _exclusive_prefix(counts)[safe] + row_in_expert.to(torch.int64).gather(1, safe)
     return counts, torch.where(valid, pos, torch.full_like(pos, -1))
