@@ -50,3 +50,20 @@ def test_summarize_rejects_bad_input():
         summarize(torch.zeros(1, 2, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="no summaries"):
         median_summary([])
+
+
+def test_stamp_words_are_the_kernels():
+    """The word indices summarize() reads are csrc/kernels/intranode.cuh's StampWord."""
+    import pathlib
+    import re
+
+    from overlap.ep import kernel_stamps as ks
+
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc/kernels/intranode.cuh").read_text()
+    cuda = {name: int(v) for name, v in re.findall(r"kStamp(\w+) = (\d+)", header)}
+    ours = {"Start": ks.START, "Ready": ks.READY, "FirstRow": ks.FIRST_ROW, "RoleDone": ks.ROLE_DONE,
+            "WaitNs": ks.WAIT_NS, "Rows": ks.ROWS, "Role": ks.ROLE, "End": ks.END, "HelpRows": ks.HELP_ROWS,
+            "HelpDone": ks.HELP_DONE}
+    assert {k: cuda[k] for k in ours} == ours
+    assert cuda["Words"] == len(ours)
+

@@ -29,11 +29,11 @@
 //      Senders claim chunks of `send_chunk` tokens (dispatch) or received rows (combine) from a
 //      local counter, so a warp that gets less link bandwidth simply takes fewer chunks (a
 //      static split left the slowest warps ~1.7x behind the median on 4 GPUs). Per item,
-//      16-byte stores straight into
-//      the peer's region; after every `send_chunk` rows, __syncwarp, one system-scope fence and
-//      relaxed stores of seq to those rows' arrival flags (a fence per row would stall each
-//      warp for an NVLink round trip per row). Rows for this rank itself skip the region: dispatch writes them straight
-//      into the outputs and combine reads them straight from y.
+//      16-byte stores straight into the peer's region; after every `send_chunk` rows,
+//      __syncwarp, one system-scope fence and relaxed stores of seq to those rows' arrival flags
+//      (a fence per row would stall each warp for an NVLink round trip per row). Rows for this
+//      rank itself skip the region: dispatch writes them straight into the outputs and combine
+//      reads them straight from y.
 //      Receivers: wait (acquire) for a row's flag to reach seq, then copy it out (dispatch) or
 //      sum a token's rows in fp32 in ascending rank order (combine). They too claim chunks
 //      from a counter, and a sender warp that has nothing left to send joins them: the

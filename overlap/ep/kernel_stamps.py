@@ -2,10 +2,11 @@
 
 With ``OVERLAP_CUDA_STAMPS=1`` every warp of the intranode kernels records %globaltimer values
 (csrc/kernels/intranode.cuh, ``StampWord``); :meth:`CudaBackend.last_phase_stamps` returns them
-as ``[blocks, warps, 8]``. :func:`summarize` turns one kernel's stamps into phase times in
-microseconds, so a researcher can tell whether senders, receivers, the ready handshake or the
-tail bound the kernel without hardware counters. %globaltimer ticks coarsely (about 1 us on
-some GPUs): single intervals are rounded, sums over many waits are unbiased.
+as ``[blocks, warps, 10]`` (stamps saved by older kernels have the first 8 words).
+:func:`summarize` turns one kernel's stamps into phase times in microseconds, so a researcher can
+tell whether senders, receivers, the ready handshake or the tail bound the kernel without
+hardware counters. %globaltimer ticks coarsely (about 1 us on some GPUs): single intervals are
+rounded, sums over many waits are unbiased.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SENDER, RECEIVER = 0, 1
 
 
 def summarize(stamps: torch.Tensor) -> dict[str, float]:
-    """Phase times (us) of one kernel from its ``[blocks, warps, 8]`` int64 stamps.
+    """Phase times (us) of one kernel from its ``[blocks, warps, words]`` int64 stamps (10 words, or 8).
 
     - ``total_us``: first warp's start to the last block's end (the kernel on this GPU);
     - ``launch_skew_us``: spread of the warps' start times (blocks scheduled late);
@@ -32,7 +33,7 @@ def summarize(stamps: torch.Tensor) -> dict[str, float]:
     - ``tail_us``: the last role (or help) to finish to the last block's end.
     """
     if stamps.dim() != 3 or stamps.shape[-1] < 8:
-        raise ValueError(f"stamps must be [blocks, warps, 8], got shape {tuple(stamps.shape)}")
+        raise ValueError(f"stamps must be [blocks, warps, >= 8 words], got shape {tuple(stamps.shape)}")
     s = stamps.reshape(-1, stamps.shape[-1]).tolist()
     s = [w for w in s if w[START] > 0 and w[READY] >= w[START]]
     if not s:

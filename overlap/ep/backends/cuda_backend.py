@@ -12,12 +12,12 @@ straight into peers' buffers (csrc/kernels/intranode*.cu; protocol in intranode.
 Inside each dispatch and combine kernel the warps of every block split into senders and
 receivers, and every row carries an arrival flag raised after each chunk of rows a sender warp
 sent (one system-scope fence per chunk), so receiving overlaps sending. Sequence numbers live on
-the GPU. Tuning knobs (environment, read when the buffer is set up; see :class:`KernelTuning`):
-``OVERLAP_CUDA_SEND_WARPS`` (warps of 16 that send, default 6), ``OVERLAP_CUDA_FP8_SEND_WARPS``
-(the same for the quantising FP8 dispatch, default 10), ``OVERLAP_CUDA_SEND_CHUNK`` (dispatch tokens
-per fence, default 4), ``OVERLAP_CUDA_COMBINE_SEND_CHUNK`` (combine rows per fence, default 8),
-``OVERLAP_CUDA_COPY_UNROLL`` (16-byte vectors per lane in flight in a dispatch receiver, 8 or 16,
-default 16). ``OVERLAP_CUDA_STAMPS=1`` makes every warp record %globaltimer phase stamps,
+the GPU. Tuning knobs (environment, read when the buffer is set up; see :class:`KernelTuning`;
+the defaults are csrc/kernels/intranode.cuh's, read through ``intranode_layout()``):
+``OVERLAP_CUDA_SEND_WARPS`` (warps of 16 that send), ``OVERLAP_CUDA_FP8_SEND_WARPS`` (the same for
+the quantising FP8 dispatch), ``OVERLAP_CUDA_SEND_CHUNK`` (dispatch tokens per fence),
+``OVERLAP_CUDA_COMBINE_SEND_CHUNK`` (combine rows per fence), ``OVERLAP_CUDA_COPY_UNROLL``
+(16-byte vectors per lane in flight in a dispatch receiver, 8 or 16). ``OVERLAP_CUDA_STAMPS=1`` makes every warp record %globaltimer phase stamps,
 read back with :meth:`CudaBackend.last_phase_stamps` (see :mod:`overlap.ep.kernel_stamps`).
 
 Kernels run on a communication stream of the buffer, ordered after the caller's stream by
@@ -228,7 +228,7 @@ class CudaBackend(EPBackend):
     def last_phase_stamps(self, op: str) -> torch.Tensor:
         """Phase stamps of this buffer's last ``op`` ("dispatch" or "combine") kernel.
 
-        int64 ``[num_sms, 16 warps, 8 words]`` on the CPU (waits for the comm stream); the words
+        int64 ``[num_sms, 16 warps, 10 words]`` on the CPU (waits for the comm stream); the words
         are csrc/kernels/intranode.cuh's ``StampWord``; :func:`overlap.ep.kernel_stamps.summarize`
         turns them into phase times. Needs ``OVERLAP_CUDA_STAMPS=1`` when the buffer is set up.
         """
