@@ -1,6 +1,7 @@
 // The copy-engine transfers of the low-latency path (overlap/ep/low_latency.py): views of peer
-// memory for stream copies, arrival flags raised by the GPU's front end, and, under CUDA-graph
-// capture, the copies added to the captured graph as a branch that nothing waits for.
+// memory for stream copies (the rows, and the send counts that raise the arrival flags),
+// constant flags written by the GPU's front end (ce_flags), and, under CUDA-graph capture, the
+// copies added to the captured graph as a branch that nothing waits for.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -119,8 +120,9 @@ std::vector<int64_t> ll_capture_point() {
 
 // Add one send's transfers to the CUDA graph being captured, as a branch off `point` (what
 // ll_capture_point returned right after the pack kernel: the pack's node): for each i, a copy of
-// bytes[i] from src[i] to dst[i], then a write of the constant 1 to the 4-byte flag at flags[i]
-// (a memory-operation node with memop, else a 4-byte copy from `one`, an int32 1 on the device).
+// bytes[i] from src[i] to dst[i], then the arrival flag at flags[i]: an 8-byte copy from
+// flag_src[i] (the sender's send count: counting flags), or, where flag_src[i] is 0, a
+// memory-operation node writing the constant 1 to the 4-byte word (ce_flags).
 // No stream's dependencies change: nothing later waits for the branch, and no stream has to join
 // it before the capture ends (a graph may have several leaf nodes; a replay completes once they
 // all did). The receiver's flags and the senders' acks order everything else. Joining a side
@@ -131,22 +133,27 @@ std::vector<int64_t> ll_capture_point() {
 // was the pack's first child and took the pack's queue, and the caller's next kernel moved to
 // another one (2 H200, a graph that starts with the pack).
 void ll_graph_add_copies(std::vector<int64_t> point, std::vector<int64_t> dst, std::vector<int64_t> src,
-                         std::vector<int64_t> bytes, std::vector<int64_t> flags, bool memop, const at::Tensor& one) {
-  TORCH_CHECK(one.is_cuda() && one.scalar_type() == at::kInt && one.numel() >= 1, "one must be a CUDA int32 tensor");
+                         std::vector<int64_t> bytes, std::vector<int64_t> flags, std::vector<int64_t> flag_src,
+                         const at::Tensor& like) {
+  TORCH_CHECK(like.is_cuda(), "like must be a CUDA tensor");
   TORCH_CHECK(point.size() >= 2, "point must be what ll_capture_point returned");
   const size_t n = dst.size();
-  TORCH_CHECK(src.size() == n && bytes.size() == n && flags.size() == n,
-              "dst, src, bytes and flags must have one entry per transfer, got ", dst.size(), ", ", src.size(), ", ",
-              bytes.size(), " and ", flags.size());
+  TORCH_CHECK(src.size() == n && bytes.size() == n && flags.size() == n && flag_src.size() == n,
+              "dst, src, bytes, flags and flag_src must have one entry per transfer, got ", dst.size(), ", ",
+              src.size(), ", ", bytes.size(), ", ", flags.size(), " and ", flag_src.size());
+  bool memop = false;
   for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(dst[i] != 0 && src[i] != 0 && bytes[i] >= 1, "transfer ", i, " needs non-null pointers and bytes >= 1");
-    TORCH_CHECK(flags[i] != 0 && flags[i] % 4 == 0, "transfer ", i, "'s flag address must be non-null and 4-byte aligned");
+    const int64_t align = flag_src[i] != 0 ? 8 : 4;
+    TORCH_CHECK(flags[i] != 0 && flags[i] % align == 0 && flag_src[i] % 8 == 0, "transfer ", i,
+                "'s flag address must be non-null and ", align, "-byte aligned (and its flag source 8-byte aligned)");
+    memop = memop || flag_src[i] == 0;
   }
   const Driver& drv = driver();
   TORCH_CHECK(!memop || ll_can_write_flags(), "this CUDA driver has no graph memory-operation nodes; raise the flags "
-              "with copies (memop=False)");
-  const c10::cuda::CUDAGuard guard(one.device());
-  const CapturePoint now = capture_point_of(current_stream(one.device()), "ll_graph_add_copies");
+              "by copying the send counts (OVERLAP_LL_FLAG_WRITE=seq)");
+  const c10::cuda::CUDAGuard guard(like.device());
+  const CapturePoint now = capture_point_of(current_stream(like.device()), "ll_graph_add_copies");
   TORCH_CHECK(static_cast<int64_t>(now.id) == point[0] && reinterpret_cast<int64_t>(now.graph) == point[1],
               "the transfers of a low-latency operation sent during a CUDA-graph capture must be added to that same "
               "capture: call its hook before the capture ends, on a stream of the same capture");
@@ -162,26 +169,26 @@ void ll_graph_add_copies(std::vector<int64_t> point, std::vector<int64_t> dst, s
     C10_CUDA_CHECK(cudaGraphAddMemcpyNode1D(&copy, now.graph, deps.data(), deps.size(), reinterpret_cast<void*>(dst[i]),
                                             reinterpret_cast<const void*>(src[i]), static_cast<size_t>(bytes[i]),
                                             cudaMemcpyDeviceToDevice));
-    if (memop) {
-      CUstreamBatchMemOpParams op{};
-      op.writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
-      op.writeValue.address = static_cast<CUdeviceptr>(flags[i]);
-      op.writeValue.value = 1u;
-      op.writeValue.flags = CU_STREAM_WRITE_VALUE_DEFAULT;
-      CUDA_BATCH_MEM_OP_NODE_PARAMS params{};
-      params.ctx = ctx;
-      params.count = 1;
-      params.paramArray = &op;
-      params.flags = 0;
-      CUgraphNode node = nullptr;
-      const CUgraphNode parent = reinterpret_cast<CUgraphNode>(copy);
-      const CUresult r = drv.add_batch_mem_op_node(&node, reinterpret_cast<CUgraph>(now.graph), &parent, 1, &params);
-      TORCH_CHECK(r == CUDA_SUCCESS, "cuGraphAddBatchMemOpNode failed with CUresult ", static_cast<int>(r));
-    } else {
+    if (flag_src[i] != 0) {
       cudaGraphNode_t flag = nullptr;
       C10_CUDA_CHECK(cudaGraphAddMemcpyNode1D(&flag, now.graph, &copy, 1, reinterpret_cast<void*>(flags[i]),
-                                              one.data_ptr(), 4, cudaMemcpyDeviceToDevice));
+                                              reinterpret_cast<const void*>(flag_src[i]), 8, cudaMemcpyDeviceToDevice));
+      continue;
     }
+    CUstreamBatchMemOpParams op{};
+    op.writeValue.operation = CU_STREAM_MEM_OP_WRITE_VALUE_32;
+    op.writeValue.address = static_cast<CUdeviceptr>(flags[i]);
+    op.writeValue.value = 1u;
+    op.writeValue.flags = CU_STREAM_WRITE_VALUE_DEFAULT;
+    CUDA_BATCH_MEM_OP_NODE_PARAMS params{};
+    params.ctx = ctx;
+    params.count = 1;
+    params.paramArray = &op;
+    params.flags = 0;
+    CUgraphNode node = nullptr;
+    const CUgraphNode parent = reinterpret_cast<CUgraphNode>(copy);
+    const CUresult r = drv.add_batch_mem_op_node(&node, reinterpret_cast<CUgraph>(now.graph), &parent, 1, &params);
+    TORCH_CHECK(r == CUDA_SUCCESS, "cuGraphAddBatchMemOpNode failed with CUresult ", static_cast<int>(r));
   }
 }
 
@@ -193,7 +200,8 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
   m.def("ll_can_write_flags() -> bool", &ll_can_write_flags);
   m.def("ll_capture_point() -> int[]", &ll_capture_point);
   m.def(
-      "ll_graph_add_copies(int[] point, int[] dst, int[] src, int[] bytes, int[] flags, bool memop, Tensor one) -> ()");
+      "ll_graph_add_copies(int[] point, int[] dst, int[] src, int[] bytes, int[] flags, int[] flag_src, Tensor like) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(overlap, CUDA, m) {

@@ -134,7 +134,7 @@ class FakeLowLatency:
         self.max_in_flight = Counter()
         self.hooks = Counter()
         self.issued = 0
-        self.flag_write = "memop"
+        self.flag_write = "seq"
 
     def _issue(self, kind, tag, fill):
         if len(self.in_flight[kind]) >= self.num_slots:
@@ -381,7 +381,7 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert r["time_us"] > 0 and r["wire_bytes_per_rank"] >= 0 and r["world_size"] == 2
         assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
         assert r["replay_timeline_slowest_rank"] == "stand_in_kernel@0.0-1.0"
-        assert r["flag_write"] == ("memop" if r["transport"] == "copy_engine" else None)
+        assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
         sm_blocks = decode_bench.send_kernel_blocks(r["op"], 6, 2, 6, 64)   # 6 tokens, hidden 64
         assert r["num_sms"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
 

@@ -141,20 +141,20 @@ def test_slot_ring_reuses_only_consumed_slots():
     assert ll._acquire(DISPATCH) == 2 and ll._acquire(DISPATCH) == 0
 
 
-def test_flag_write_method_follows_the_driver_and_the_environment(monkeypatch):
+def test_flag_write_method_follows_the_environment_and_the_driver(monkeypatch):
     from overlap.ep.low_latency import flag_write_method
 
     monkeypatch.delenv("OVERLAP_LL_FLAG_WRITE", raising=False)
-    assert flag_write_method(can_write=True) == "memop"
-    assert flag_write_method(can_write=False) == "memcpy"
-    monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", "memcpy")
-    assert flag_write_method(can_write=True) == "memcpy"
+    assert flag_write_method(can_write=True) == "seq"
+    assert flag_write_method(can_write=False) == "seq"   # copies need nothing of the driver
     monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", "memop")
+    assert flag_write_method(can_write=True) == "memop"
     with pytest.raises(RuntimeError, match="cuStreamWriteValue32"):
         flag_write_method(can_write=False)
-    monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", "dma")
-    with pytest.raises(ValueError, match="OVERLAP_LL_FLAG_WRITE"):
-        flag_write_method(can_write=True)
+    for bad in ("memcpy", "dma"):   # memcpy (a 4-byte copy of a constant) is gone: seq replaced it
+        monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", bad)
+        with pytest.raises(ValueError, match="OVERLAP_LL_FLAG_WRITE"):
+            flag_write_method(can_write=True)
 
 
 # ---------------------------------------------------------------------------------------------- GPU helpers
@@ -330,15 +330,17 @@ def _graph_rank(rank, W):
     a = (1.0 + torch.arange(rank * L, (rank + 1) * L, dtype=torch.float32, device=dev) / 16.0).view(L, 1, 1)
     b = torch.sin(torch.arange(rank * L, (rank + 1) * L, dtype=torch.float32, device=dev)).view(L, 1, 1)
     # nccl too: its graph-captured all_to_all_single once hung on its first replay.
-    # Copy-engine flags raised both ways: stream memory writes (the default) and 4-byte memcpys.
+    # Copy-engine flags raised both ways: copies of the send counts (the default) and stream
+    # memory writes of a constant the hook resets.
     for transport, fp8, flag_write in (("copy_engine", False, "memop"), ("sm", False, None), ("copy_engine", True, None),
-                                       ("nccl", False, None), ("copy_engine", False, "memcpy")):
+                                       ("nccl", False, None), ("copy_engine", False, "seq")):
         case0 = EPCase("graph", [T] * W, H, E, K, torch.bfloat16, "random", seed=50)
         buf = _make_buffer(case0, W, max_tokens=T)
         if flag_write is not None:
             state = low_latency_state(buf)   # collective: every rank runs the same variants
-            if flag_write == "memop" and state.flag_write != "memop":
-                fails.append(f"rank {rank}: this driver has no stream memory writes; copy-engine flags fell back to memcpy")
+            if flag_write == "memop" and not torch.ops.overlap.ll_can_write_flags():
+                fails.append(f"rank {rank}: this driver has no stream memory writes; the memop flags went untested")
+                continue
             state.flag_write = flag_write
         x0, i0, w0 = (t.to(dev) for t in make_inputs(case0, rank, W))
         sx, si, sw = x0.clone(), i0.clone(), w0.clone()

@@ -23,6 +23,7 @@ def test_summarize_phases():
     assert s["total_us"] == pytest.approx(18)
     assert s["launch_skew_us"] == pytest.approx(1)
     assert s["handshake_us"] == pytest.approx(2.5)
+    assert s["after_ready_us"] == pytest.approx(15)
     assert s["send_busy_us"] == pytest.approx(10) and s["send_wait_share"] == pytest.approx(0.2)
     assert s["recv_busy_us"] == pytest.approx(14) and s["recv_wait_share"] == pytest.approx(0.5)
     assert s["send_first_row_us"] == pytest.approx(2) and s["recv_first_row_us"] == pytest.approx(3)

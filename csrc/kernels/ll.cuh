@@ -6,13 +6,15 @@
 // Symmetric buffer layout (bytes from each rank's base). The first kIntranodeHeader bytes keep
 // the intranode layout (sticky error word at 1024, canary at 2048), so SymmetricBuffer's mapping
 // check and dev::record_failure work unchanged:
-//   flags[kind][slot][src]    u64  written by src's SM stores (value = src's use count of the slot)
+//   flags[kind][slot][src]    u64  src's use count of the slot, once its rows landed: written by src's
+//                                  SM stores (kDirect), or copied from src's send_seq by src's copy
+//                                  engine after the rows (kStaged with seq_flags)
 //   acks [kind][slot][dst]    u64  count of dst's hook blocks that consumed this rank's rows in the
 //                                  slot: hook_blocks(kind) per use, one red.add per block
 //   send_seq[kind][slot]      u64  local: how often this rank sent on the slot
 //   done[kind][slot][2]       u32  local: arrival counters of the pack (0) and hook (1) blocks
-//   ce_flags[kind][slot][src] u32  copy-engine arrival: 1 = src's copy into the slot landed;
-//                                  the receiving hook resets it to 0 before its last ack
+//   ce_flags[kind][slot][src] u32  copy-engine arrival without seq_flags: 1 = src's copy into the
+//                                  slot landed; the receiving hook resets it to 0 before its last ack
 //   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
 // A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
 // A dispatch row is [topk x int16 local expert or -1, padded to 16][topk x fp32 weight, padded
@@ -28,17 +30,22 @@
 //          after the wait, so every block has read send_seq) writes send_seq = n; the kernel
 //          boundary orders it and the rows before the copies and the hook. kDirect: the block
 //          that finishes last fences and raises flags[k][s][me] = n at every peer.
-//   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then a stream
-//          write of the constant 1 to the peer's ce_flags[k][s][me] (stream order lands it after
-//          the rows). A constant, not the use count: a CUDA graph replays the values it captured.
+//   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then the arrival
+//          flag, in the same stream (stream order lands it after the rows): with seq_flags (the
+//          default) an 8-byte copy of this rank's send_seq[k][s] to the peer's flags[k][s][me]:
+//          it reads n (the pack wrote it before the kernel boundary, and the slot's next pack
+//          waits for acks that need this flag), and a copy reads it again at every graph replay. Otherwise a stream memory write of the constant 1 to the peer's
+//          ce_flags[k][s][me] (a graph replays the value it captured, hence the constant and the
+//          reset below).
 //   hook:  E = send_seq (the host orders the hook after its pack, and the next pack of the slot
 //          waits for this hook's acks, so E is this operation's count); wait until every other
-//          source arrived: ce_flags[k][s][src] == 1 for copy-engine peers, flags[k][s][src] >= E
-//          for SM-store peers (own rows are ordered by the kernel boundary); unpack; every block
-//          then adds 1 to acks[k][s][me] at every source. The block that arrived last (done
-//          counter, taken once the flags were seen, so every block has seen them) first resets
-//          the ce_flags and fences: a peer raises its ce_flag again only after all B acks, so a
-//          1 is never left over from the previous use. No block waits for the others.
+//          source arrived: flags[k][s][src] >= E (SM-store and seq_flags copy-engine peers; own
+//          rows are ordered by the kernel boundary), or ce_flags[k][s][src] == 1; unpack; every
+//          block then adds 1 to acks[k][s][me] at every source. With ce_flags, the block that
+//          arrived last (done counter, taken once the flags were seen, so every block has seen
+//          them) first resets the ce_flags and fences: a peer raises its ce_flag again only after
+//          all B acks, so a 1 is never left over from the previous use. Counting flags need no
+//          reset, hence no last block and no fence. No block waits for the others.
 #pragma once
 
 #include "intranode.cuh"
@@ -68,8 +75,8 @@ enum StatusKind : int { kDispatchSend = 5, kDispatchRecv = 6, kCombineSend = 7, 
 // mode: where the pack kernel writes rows.
 enum Mode : int {
   kDirect = 0,      // SM stores straight into peers' receive regions, flags by the kernel
-  kStaged = 1,      // local staging per peer (copy engines send it, ce_flags say it landed); own rows go
-                    // straight home
+  kStaged = 1,      // local staging per peer (copy engines send it, then raise the arrival flag); own
+                    // rows go straight home
   kStagedAll = 2,   // local staging for every rank including this one (NCCL all_to_all sends it)
 };
 
@@ -106,6 +113,7 @@ struct Common {
   int topk = 1;
   int num_local_experts = 1;
   int hook_parts = 1;                   // dispatch hook blocks per local expert (equal on every rank)
+  int seq_flags = 1;                    // kStaged: peers raise counting flags (1) or ce_flags (0)
   uint64_t timeout_ns = 0;
   int* status_host = nullptr;           // host-mapped status words (intranode layout)
   // Diagnostics (OVERLAP_LL_STAMPS=1): [2][kMaxStampBlocks][kStampWords] globaltimer stamps, one
@@ -195,7 +203,7 @@ inline bool common_ok(const Common& c) {
          c.my_base % 16 == 0 && c.peer_bases != nullptr && c.slot_offset % 16 == 0 && c.region_stride % 16 == 0 &&
          c.row_stride % 16 == 0 && c.max_tokens >= 1 && c.max_tokens <= kMaxTokens && c.hidden >= kFp8Block &&
          c.hidden % kFp8Block == 0 && c.topk >= 1 && c.topk <= kMaxTopk && c.num_local_experts >= 1 &&
-         c.hook_parts >= 1 && c.hook_parts <= kMaxHookParts &&
+         c.hook_parts >= 1 && c.hook_parts <= kMaxHookParts && (c.seq_flags == 0 || c.seq_flags == 1) &&
          c.status_host != nullptr && (c.mode == kDirect || (c.staging != 0 && c.staging % 16 == 0)) &&
          c.region_stride >= kRegionHeader + c.max_tokens * c.row_stride;
 }

@@ -155,8 +155,11 @@ __device__ inline void pack_end(const Common& c, uint64_t n, unsigned arrival, i
   stamp(c, 0, kStampEnd);
 }
 
-// Copy-engine peers announce arrival with ce_flags (a constant 1); the rest with counting flags.
-__device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) { return c.mode == kStaged && src != c.rank; }
+// Copy-engine peers without seq_flags announce arrival with ce_flags (a constant 1); the rest
+// with counting flags.
+__device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) {
+  return c.mode == kStaged && !c.seq_flags && src != c.rank;
+}
 
 // Hook prologue: E = this operation's use count; with wait_flags, threads r < num_ranks, r not
 // this rank, wait until source r's rows arrived (this rank's own rows were written by its pack,
@@ -192,9 +195,9 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
   return *s_flag == 0;
 }
 
-// Whether this hook resets copy-engine flags (and so counts block arrivals).
+// Whether this hook resets ce_flags (and so counts block arrivals).
 __device__ __forceinline__ bool hook_resets_flags(const Common& c, bool wait_flags) {
-  return wait_flags && c.mode == kStaged && c.num_ranks > 1;
+  return wait_flags && c.mode == kStaged && !c.seq_flags && c.num_ranks > 1;
 }
 
 // After hook_begin: count this block as having seen the flags (see arrive()).
@@ -203,7 +206,7 @@ __device__ __forceinline__ unsigned hook_arrive(const Common& c, bool wait_flags
 }
 
 // Hook epilogue, every block: once all its threads are done reading the slot, thread 0 adds one
-// ack at every source. The block that arrived last first clears the copy-engine flags (every
+// ack at every source. With ce_flags, the block that arrived last first clears them (every
 // block has seen them) and fences, so the clears are visible before its ack completes the count
 // a source waits for. Other blocks ack relaxed: their reads of the slot returned before the
 // barrier (their values were stored), so no later write by a source can change them.

@@ -24,6 +24,8 @@ def summarize(stamps: torch.Tensor) -> dict[str, float]:
     - ``total_us``: first warp's start to the last block's end (the kernel on this GPU);
     - ``launch_skew_us``: spread of the warps' start times (blocks scheduled late);
     - ``handshake_us``: median over warps of start to ready (waiting for every peer to start);
+    - ``after_ready_us``: the median warp's ready to the last block's end: the kernel without its
+      wait for the peers' kernels to start, which in eager calls is mostly the ranks' launch skew;
     - per role (``send_``/``recv_``): ``busy_us`` median and ``busy_max_us`` of ready to the
       role's last row, ``first_row_us`` median of ready to its first row, ``wait_share`` the
       fraction of busy time spent waiting (receivers: for flags; senders: in fences), ``rows``;
@@ -42,7 +44,8 @@ def summarize(stamps: torch.Tensor) -> dict[str, float]:
     end = max(w[END] for w in s)
     out = {"total_us": (end - t0) / 1e3,
            "launch_skew_us": (max(w[START] for w in s) - t0) / 1e3,
-           "handshake_us": median((w[READY] - w[START]) / 1e3 for w in s)}
+           "handshake_us": median((w[READY] - w[START]) / 1e3 for w in s),
+           "after_ready_us": (end - median(w[READY] for w in s)) / 1e3}
     last_done = t0
     for role, name in ((SENDER, "send"), (RECEIVER, "recv")):
         ws = [w for w in s if w[ROLE] == role and w[ROLE_DONE] >= w[READY]]
