@@ -3,8 +3,9 @@
 
 Runs each operation with phase stamps on (``OVERLAP_CUDA_STAMPS=1``: every warp records
 %globaltimer at its phases, see overlap/ep/kernel_stamps.py) for every num_sms and tuning
-variant, and reports per operation: the call's time (CUDA events), the kernel's own span,
-the ready handshake, how long senders and receivers were busy, what share of that they spent
+variant, and reports per operation: the call's time (CUDA events), the kernel's own span and
+its span after every peer's kernel had started (eager calls start on the ranks up to ~100 us
+apart, which the first rank's kernel spends in its ready handshake), the ready handshake, how long senders and receivers were busy, what share of that they spent
 waiting (receivers for arrival flags, senders in fences), and the tail.
 
     python3 experiments/kernel_phases.py --world-size 2
@@ -78,13 +79,15 @@ def _phases_rank(rank, world_size, args):
                 timed = time_fn(fn, warmup=args.warmup, iters=args.iters, flush=False, barrier=barrier,
                                 after_each=lambda: summaries.append(summarize(backend.last_phase_stamps(kind))))
                 s = median_summary(summaries)
-                t = torch.tensor([timed["time_us"], s["total_us"]], dtype=torch.float64, device=device)
+                t = torch.tensor([timed["time_us"], s["total_us"], s["after_ready_us"]], dtype=torch.float64,
+                                 device=device)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 send_warps, send_chunk = backend.tuning.split(kind, fp8=label == "dispatch fp8")
                 rows.append({"variant": name, "env": ",".join(f"{k}={v}" for k, v in env.items()),
                              "num_sms": num_sms, "op": label, "send_warps": send_warps, "send_chunk": send_chunk,
                              "copy_unroll": backend.tuning.copy_unroll,
                              "call_us": float(t[0]), "kernel_us_slowest_rank": float(t[1]),
+                             "kernel_after_ready_us_slowest_rank": float(t[2]),
                              **{f"rank{rank}_{k}": v for k, v in s.items()}})
             del buf
     # Rank 0 reports; fold rank 1's phase summaries in for the same rows.
@@ -103,12 +106,14 @@ def _phases_rank(rank, world_size, args):
 
 
 def print_table(rows):
-    print(f"\n{'variant':<10}{'SMs':>4} {'op':<14}{'call':>7}{'kernel':>8}{'hshake':>8}{'send':>7}{'s.wait':>7}"
+    print(f"\n{'variant':<10}{'SMs':>4} {'op':<14}{'call':>7}{'kernel':>8}{'k.ready':>8}{'hshake':>8}{'send':>7}{'s.wait':>7}"
           f"{'s.max':>7}{'recv':>7}{'r.wait':>7}{'r.first':>8}{'help':>7}{'tail':>6}"
-          "   (us, rank 0; wait = share of busy time; help = senders' receiving after their last send)")
+          "   (us, rank 0; k.ready = kernel after every peer started (slowest rank); wait = share of busy time;"
+          " help = senders' receiving after their last send)")
     for r in rows:
         g = lambda k: r.get(f"rank0_{k}", float("nan"))  # noqa: E731
         print(f"{r['variant']:<10}{r['num_sms']:>4} {r['op']:<14}{r['call_us']:>7.0f}{r['kernel_us_slowest_rank']:>8.0f}"
+              f"{r.get('kernel_after_ready_us_slowest_rank', float('nan')):>8.0f}"
               f"{g('handshake_us'):>8.1f}{g('send_busy_us'):>7.0f}{g('send_wait_share'):>7.2f}"
               f"{g('send_busy_max_us'):>7.0f}{g('recv_busy_us'):>7.0f}{g('recv_wait_share'):>7.2f}"
               f"{g('recv_first_row_us'):>8.1f}{g('help_busy_us'):>7.0f}{g('tail_us'):>6.1f}")
