@@ -114,7 +114,7 @@ void ll_dispatch_send(const at::Tensor& x, const at::Tensor& topk_idx, const at:
 void ll_dispatch_recv(const at::Tensor& peer_bases, const at::Tensor& recv_x, const std::optional<at::Tensor>& recv_scales,
                       const at::Tensor& counts, const at::Tensor& row_pos, const at::Tensor& row_expert,
                       const at::Tensor& row_weight, const at::Tensor& src_counts, std::vector<int64_t> common,
-                      int64_t wait_flags, int64_t header_bytes) {
+                      int64_t wait_flags, int64_t header_bytes, int64_t copy_unroll) {
   const at::Device device = peer_bases.device();
   TORCH_CHECK(peer_bases.is_cuda(), "peer_bases must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(device);
@@ -135,6 +135,8 @@ void ll_dispatch_recv(const at::Tensor& peer_bases, const at::Tensor& recv_x, co
   TORCH_CHECK(counts.size(0) == L, "counts must have ", L, " entries");
   check_row_metadata(row_pos, row_expert, row_weight, src_counts, R, K, p.c.num_ranks, device);
   p.wait_flags = wait_flags != 0;
+  TORCH_CHECK(copy_unroll == 8 || copy_unroll == 16, "copy_unroll must be 8 or 16, got ", copy_unroll);
+  p.copy_unroll = static_cast<int>(copy_unroll);
   p.header_bytes = static_cast<int>(header_bytes);
   p.recv_x = recv_x.data_ptr();
   p.counts = counts.data_ptr<int>();
@@ -212,7 +214,7 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
   m.def(
       "ll_dispatch_recv(Tensor peer_bases, Tensor(a!) recv_x, Tensor(b!)? recv_scales, Tensor(c!) counts, "
       "Tensor(d!) row_pos, Tensor(e!) row_expert, Tensor(f!) row_weight, Tensor(g!) src_counts, int[] common, "
-      "int wait_flags, int header_bytes) -> ()");
+      "int wait_flags, int header_bytes, int copy_unroll) -> ()");
   m.def(
       "ll_combine_send(Tensor y, Tensor row_pos, Tensor row_expert, Tensor row_weight, Tensor src_counts, "
       "Tensor peer_bases, int[] common) -> ()");

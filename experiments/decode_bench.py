@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overlap.bench import make_meta, time_fn, time_graph_replay, write_results  # noqa: E402
 from overlap.testing import DistributedTimeout, RankFailed, run_distributed  # noqa: E402
+from overlap.testing.env import temporary_env  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TRANSPORTS = ("copy_engine", "sm", "nccl")
@@ -328,6 +329,8 @@ def _bench_transport(runner, sink, kept, args, rank, world_size, dev, inputs, tr
         def case(fn=fn):
             t = time_case(fn, args, runner.control)
             ll.check_status()   # a kernel timeout during the replays surfaces here, naming this case
+            if args.stamps:
+                t["kernel_stamps"] = format_kernel_stamps(ll.kernel_stamps())
             return t
 
         res = runner.run(name, case)
@@ -346,7 +349,7 @@ def _bench_transport(runner, sink, kept, args, rank, world_size, dev, inputs, tr
             copied = (world_size - 1) * region_stride(T, combine_row_stride(H))
         flag_write = ll.flag_write if transport == "copy_engine" else None   # how arrival flags were raised
         sink.add(reduce_row({"op": op, **base, "num_sms": sms_in_flight(transport, op, T, world_size, T, H, sm_count),
-                             "flag_write": flag_write,
+                             "flag_write": flag_write, "hook_copy_unroll": ll.copy_unroll,
                              "dtype": dtype, "copied_bytes_per_rank": copied,
                              "timing": ("cuda_graph_replay" if args.timing == "graph" else "eager") + ", send + hook",
                              "iters": args.iters}, res.values, wire, logical))
@@ -360,7 +363,8 @@ def _setup_transport(args, rank, dev, inputs, transport):
 
     buf = EPBuffer(None, num_experts=args.experts, hidden=args.hidden, max_tokens_per_rank=args.tokens,
                    backend="torch", validate_values=False, device=dev)
-    ll = low_latency_state(buf)
+    with temporary_env({"OVERLAP_LL_STAMPS": "1"} if args.stamps else {}):   # read when the state is built
+        ll = low_latency_state(buf)
     recv, _, handle, _ = ll.dispatch(*inputs, transport=transport)
     ll.check_status()
     slots = handle.token_slot
@@ -413,7 +417,24 @@ def reduce_row(row: dict, timings: list, wire: list, logical: list) -> dict:
     if "device_us_by_name" in slowest:   # --profile-replays: where the slowest rank's replay spends device time
         row["device_us_by_name_slowest_rank"] = slowest["device_us_by_name"]
         row["replay_timeline_slowest_rank"] = slowest.get("replay_timeline", "")
+    if "kernel_stamps" in slowest:   # --stamps: the slowest rank's last pack and hook, phase by phase
+        row["kernel_stamps_slowest_rank"] = slowest["kernel_stamps"]
     return row
+
+
+def format_kernel_stamps(stamps: dict) -> str:
+    """One line from :meth:`LowLatencyEP.kernel_stamps`: per kernel, when its blocks reached each
+    phase after the first block started, as min/median/max µs over blocks, e.g.
+    ``"pack (448 blocks): prologue 0.6/0.8/1.1, ...; hook (128 blocks): ..."``."""
+    parts = []
+    for kernel in ("pack", "hook"):
+        phases = stamps.get(kernel)
+        if not phases:
+            continue
+        times = ", ".join(f"{ph} " + "/".join(f"{v:.2f}" for v in phases[ph])
+                          for ph in phases if ph not in ("blocks", "start"))
+        parts.append(f"{kernel} ({phases.get('blocks', '?')} blocks): {times}")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -485,6 +506,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_arguments(p, gpus, tokens_help="tokens per rank")
     add_run_arguments(p, warmup=5, iters=30)
+    p.add_argument("--stamps", action="store_true",
+                   help="build the buffers with OVERLAP_LL_STAMPS=1 and record when the last replay's pack and "
+                        "hook blocks reached each phase (kernel_stamps_slowest_rank; the stamps' stores cost a "
+                        "little time, so compare timings only between runs that both have them)")
     args = p.parse_args(argv)
     check_run_arguments(p, args, gpus)
     print(f"[decode_bench] {args.world_size} GPUs: {args.tokens} tokens/rank, hidden {args.hidden}, "

@@ -113,6 +113,12 @@ def test_reduce_row_takes_the_slowest_rank_and_mean_bytes():
     assert len(row["time_us_per_rank"].split()) == 3
 
 
+def test_format_kernel_stamps_skips_missing_kernels():
+    one = {"hook": {"start": (0.0, 0.0, 0.0), "prologue": (1.0, 1.25, 2.0), "rows": (3.0, 4.0, 5.5), "blocks": 128}}
+    assert decode_bench.format_kernel_stamps(one) == "hook (128 blocks): prologue 1.00/1.25/2.00, rows 3.00/4.00/5.50"
+    assert decode_bench.format_kernel_stamps({}) == ""
+
+
 def test_results_paths():
     assert decode_bench.results_path("d", "decode_bench", 4, "graph") == os.path.join("d", "decode_bench_ws4.json")
     assert decode_bench.results_path("d", "decode_overlap", 2, "eager") == os.path.join("d",
@@ -135,6 +141,11 @@ class FakeLowLatency:
         self.hooks = Counter()
         self.issued = 0
         self.flag_write = "seq"
+        self.copy_unroll = 16
+
+    def kernel_stamps(self):
+        phases = {"start": (0.0, 0.1, 0.2), "prologue": (0.5, 0.6, 0.8), "end": (3.0, 3.5, 4.25)}
+        return {"pack": dict(phases, blocks=4), "hook": dict(phases, blocks=2)}
 
     def _issue(self, kind, tag, fill):
         if len(self.in_flight[kind]) >= self.num_slots:
@@ -352,6 +363,7 @@ def _script_args(script, tmp_path, *extra):
     p.add_argument("--profile", default=None)
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--dispatch-dtypes", nargs="+", default=["bf16", "fp8"])
+    p.add_argument("--stamps", action="store_true")
     decode_bench.add_run_arguments(p, warmup=1, iters=3)
     args = p.parse_args(argv)
     args.world_size = 2
@@ -363,7 +375,7 @@ def _script_args(script, tmp_path, *extra):
 def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
     """The GPU body on CPU stand-ins: all transports in lockstep; the fp8 dispatch failing on one
     rank only fails that case everywhere, skips the transport's combine, and nccl still runs."""
-    args = _script_args("decode_bench", tmp_path, "--profile-replays", "2")
+    args = _script_args("decode_bench", tmp_path, "--profile-replays", "2", "--stamps")
     rows = run_distributed(_bench_body, 2, args, backend="gloo", timeout_s=120)[0]
     data = json.loads(open(args.results_path).read())
     assert data["meta"]["partial"] is False and data["meta"]["study"] == "decode_bench"
@@ -382,6 +394,9 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
         assert r["replay_timeline_slowest_rank"] == "stand_in_kernel@0.0-1.0"
         assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
+        assert r["hook_copy_unroll"] == 16
+        assert r["kernel_stamps_slowest_rank"] == ("pack (4 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25; "
+                                                   "hook (2 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25")
         sm_blocks = decode_bench.send_kernel_blocks(r["op"], 6, 2, 6, 64)   # 6 tokens, hidden 64
         assert r["num_sms"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
 
@@ -407,6 +422,8 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
         assert r["time_us"] == pytest.approx(r["replay_us_hi"] - r["replay_us_lo"])
         assert r["ratio_to_compute_only"] == pytest.approx(r["time_us"] / base)
     for r in layer[1:]:
+        assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
+        assert r["hook_copy_unroll"] == 16
         sm_blocks = decode_bench.send_kernel_blocks("combine", 6, 2, 6, 64)   # the larger of the two sends
         assert r["sms_during_flight"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
         assert ("meets_target" in r) == (r["schedule"] == "overlapped")

@@ -157,6 +157,19 @@ def test_flag_write_method_follows_the_environment_and_the_driver(monkeypatch):
             flag_write_method(can_write=True)
 
 
+def test_hook_copy_unroll_reads_the_environment(monkeypatch):
+    from overlap.ep.low_latency import DEFAULT_HOOK_COPY_UNROLL, hook_copy_unroll
+
+    monkeypatch.delenv("OVERLAP_LL_COPY_UNROLL", raising=False)
+    assert hook_copy_unroll() == DEFAULT_HOOK_COPY_UNROLL
+    monkeypatch.setenv("OVERLAP_LL_COPY_UNROLL", "8")
+    assert hook_copy_unroll() == 8
+    for bad in ("12", "x"):
+        monkeypatch.setenv("OVERLAP_LL_COPY_UNROLL", bad)
+        with pytest.raises(ValueError, match="OVERLAP_LL_COPY_UNROLL"):
+            hook_copy_unroll()
+
+
 # ---------------------------------------------------------------------------------------------- GPU helpers
 def _device():
     return torch.device("cuda", torch.cuda.current_device())
@@ -269,6 +282,38 @@ def _oracle_rank(rank, W):
                     torch.cuda.synchronize()
                     fails += _check_combine(tag, case, rank, W, out)
         buf._low_latency.check_status()
+    return fails
+
+
+def _unroll_and_stamps_rank(rank, W):
+    """The dispatch hook's copy at both unrolls against the oracle, bf16 and FP8 (hidden 1152: the
+    FP8 scales do not fill whole 16-byte words and are copied one by one), with phase stamps on:
+    kernel_stamps must report every phase of the pack and of the hook, in order."""
+    from overlap.ep.low_latency import HOOK_COPY_UNROLLS, low_latency_state
+    from overlap.testing.env import temporary_env
+
+    fails = []
+    dev = _device()
+    for case in (_cases(W)[0], _cases(W)[4]):
+        buf = _make_buffer(case, W, max_tokens=64)
+        with temporary_env({"OVERLAP_LL_STAMPS": "1"}):   # read when the state is built (collective)
+            state = low_latency_state(buf)
+        x, idx, w = (t.to(dev) for t in make_inputs(case, rank, W))
+        for unroll in HOOK_COPY_UNROLLS:
+            state.copy_unroll = unroll
+            for fp8 in (False, True):
+                tag = f"[{case.name}/unroll={unroll}/fp8={fp8}/rank{rank}]"
+                recv, counts, _, hook = buf.low_latency_dispatch(x, idx, w, use_fp8=fp8, return_recv_hook=True)
+                hook()
+                torch.cuda.synchronize()
+                fails += _check_dispatch(tag, case, rank, W, recv, counts, fp8)
+                stamps = state.kernel_stamps()
+                for kernel in ("pack", "hook"):
+                    phases = stamps.get(kernel, {})
+                    medians = [phases[ph][1] for ph in state.STAMP_PHASES if ph in phases]
+                    if len(medians) != len(state.STAMP_PHASES) or medians != sorted(medians):
+                        fails.append(f"{tag} {kernel} stamps missing or out of order: {phases}")
+        state.check_status()
     return fails
 
 
@@ -527,6 +572,12 @@ def _timeout_rank(rank, W):
 def test_low_latency_matches_oracle(world_size):
     _need(world_size)
     assert_ranks_pass(_oracle_rank, world_size, backend="nccl", timeout_s=300)
+
+
+@pytest.mark.gpu
+def test_dispatch_hook_copy_unrolls_and_stamps():
+    _need(2)
+    assert_ranks_pass(_unroll_and_stamps_rank, 2, backend="nccl", timeout_s=180)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,6 @@ namespace idev = ::overlap::intranode::dev;
 
 constexpr int kSendThreads = 128;   // 4 warps: many small blocks spread the pack over SMs
 constexpr int kUnpackThreads = 512;
-constexpr int kCopyUnroll = 8;     // 16-byte loads in flight per thread in the unpack copies (64 KiB a block)
 
 __device__ __forceinline__ uint64_t* word(int64_t base, int64_t offset) {
   return reinterpret_cast<uint64_t*>(base + offset);

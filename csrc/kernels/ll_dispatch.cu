@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(kSendThreads, 1) dispatch_send_kernel(Dispatch
 // the row, so a row is one run of 16-byte words). Part 0 records where each (row, k) went; the
 // owner block of row j (j mod grid) writes the row's other per-row metadata from the header it
 // loaded anyway. Index arithmetic is 32-bit and the copy loop divides nothing: with 64-bit
-// divisions per 16-byte word the copy was instruction-bound (~14 GB/s per SM).
+// divisions per 16-byte word the copy was instruction-bound (~14 GB/s per SM). kUnroll: 16-byte
+// loads in flight per copy thread before its stores (p.copy_unroll); the block with the most rows
+// sets the kernel's end, and each round of loads is one memory round trip.
+template <int kUnroll>
 __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(DispatchRecvParams p) {
   __shared__ uint64_t s_e;
   __shared__ int s_flag;
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
     if (base == 0) stamp(c, 1, kStampSetup);
     const int found = s_warp[kUnpackThreads / 32];
     // This part's rows of the window: element (r, w) = 16-byte word w of row r, flattened and
-    // dealt to the copy threads, kCopyUnroll loads in flight per thread before any store. Each
+    // dealt to the copy threads, kUnroll loads in flight per thread before any store. Each
     // thread steps its (r, w) by a fixed (step_rows, step_words) with a carry: no division.
     // e's rows are contiguous in recv_x (and in recv_scales), so word w < x_words of row r lands
     // at out_x[r * x_words + w], a scale word at out_s[r * s_words + w - x_words].
@@ -298,10 +301,10 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
     if (ctid >= 0) {
       int r = ctid / row_words, w = ctid - r * row_words;
       while (r < n) {
-        int4 v[kCopyUnroll];
-        int rr[kCopyUnroll], ww[kCopyUnroll];
+        int4 v[kUnroll];
+        int rr[kUnroll], ww[kUnroll];
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           rr[u] = r;
           ww[u] = w;
           v[u] = r < n ? __ldcg(s_src[r0 + r] + w) : make_int4(0, 0, 0, 0);
@@ -313,7 +316,7 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
           }
         }
 #pragma unroll
-        for (int u = 0; u < kCopyUnroll; ++u) {
+        for (int u = 0; u < kUnroll; ++u) {
           if (rr[u] >= n) continue;
           if (ww[u] < x_words) {
             out_x[rr[u] * x_words + ww[u]] = v[u];
@@ -365,11 +368,15 @@ int launch_dispatch_recv(const DispatchRecvParams& p, cudaStream_t stream) {
   if (!common_ok(c) || p.recv_x == nullptr || p.counts == nullptr || p.row_pos == nullptr ||
       p.row_expert == nullptr || p.row_weight == nullptr || p.src_counts == nullptr ||
       (p.fp8 && p.recv_scales == nullptr) || p.header_bytes != dispatch_header_bytes(c.topk) ||
-      c.num_local_experts > kMaxLocalExperts ||
+      c.num_local_experts > kMaxLocalExperts || (p.copy_unroll != 8 && p.copy_unroll != 16) ||
       reinterpret_cast<uint64_t>(p.recv_x) % 16 != 0) {
     return kBadArgument;
   }
-  dispatch_recv_kernel<<<hook_blocks(c), kUnpackThreads, 0, stream>>>(p);
+  if (p.copy_unroll == 8) {
+    dispatch_recv_kernel<8><<<hook_blocks(c), kUnpackThreads, 0, stream>>>(p);
+  } else {
+    dispatch_recv_kernel<16><<<hook_blocks(c), kUnpackThreads, 0, stream>>>(p);
+  }
   return intranode::record_launch();
 }
 

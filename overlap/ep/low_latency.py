@@ -37,7 +37,8 @@ sequence numbers live on the device. All ranks must issue the same low-latency o
 (and hooks) in the same order. Waits are bounded by ``OVERLAP_KERNEL_TIMEOUT_S`` (default 10 s);
 a timeout is reported through host-mapped status words and raised as RuntimeError by the next
 call, a hook, or :meth:`LowLatencyEP.check_status`; the buffer is then unusable.
-With ``OVERLAP_LL_STAMPS=1`` the kernels stamp each block's phases (:meth:`LowLatencyEP.kernel_stamps`).
+With ``OVERLAP_LL_STAMPS=1`` the kernels stamp each block's phases (:meth:`LowLatencyEP.kernel_stamps`);
+``OVERLAP_LL_COPY_UNROLL`` tunes the dispatch hook's copy (:func:`hook_copy_unroll`).
 """
 from __future__ import annotations
 
@@ -96,6 +97,20 @@ def check_transport(transport) -> str:
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     return transport
+
+
+HOOK_COPY_UNROLLS = (8, 16)
+DEFAULT_HOOK_COPY_UNROLL = 16
+
+
+def hook_copy_unroll() -> int:
+    """16-byte loads each copy thread of the dispatch hook has in flight before its stores:
+    ``OVERLAP_LL_COPY_UNROLL`` (8 or 16; default 16). The hook block of the expert with the most
+    rows sets the kernel's end, and each round of loads costs it one memory round trip."""
+    want = os.environ.get("OVERLAP_LL_COPY_UNROLL", "") or str(DEFAULT_HOOK_COPY_UNROLL)
+    if want not in {str(u) for u in HOOK_COPY_UNROLLS}:
+        raise ValueError(f"OVERLAP_LL_COPY_UNROLL must be one of {HOOK_COPY_UNROLLS}, got {want!r}")
+    return int(want)
 
 
 def check_dispatch_args(x, topk_idx, topk_weights, *, hidden: int, num_experts: int, max_tokens: int,
@@ -232,6 +247,7 @@ class LowLatencyEP:
         self._signals = {(k, s): torch.ops.overlap.ll_signal_offsets(k, s, buffer.rank)
                          for k in (DISPATCH, COMBINE) for s in range(num_slots)}
         self.flag_write = flag_write_method()
+        self.copy_unroll = hook_copy_unroll()
         # Diagnostics: per-block phase stamps of the last pack and hook kernels (kernel_stamps()).
         self._stamps = (torch.zeros(2, 4096, 8, dtype=torch.int64, device=buffer.device)
                         if os.environ.get("OVERLAP_LL_STAMPS") == "1" else None)
@@ -498,10 +514,11 @@ class LowLatencyEP:
                                   row_weight=row_weight, src_counts=src_counts,
                                   topk_weights=topk_weights if has_w else None)
         wait_flags = int(transport != "nccl")
+        unroll = self.copy_unroll
 
         def launch():
             torch.ops.overlap.ll_dispatch_recv(self._symm.peer_bases, recv_x, scales, counts, row_pos, row_expert,
-                                               row_weight, src_counts, common, wait_flags, hdr)
+                                               row_weight, src_counts, common, wait_flags, hdr, unroll)
 
         def done():
             handle.received[0] = True
