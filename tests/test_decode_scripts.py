@@ -141,7 +141,7 @@ class FakeLowLatency:
         self.hooks = Counter()
         self.issued = 0
         self.flag_write = "seq"
-        self.copy_unroll = 16
+        self.copy_unroll = 8
 
     def kernel_stamps(self):
         phases = {"start": (0.0, 0.1, 0.2), "prologue": (0.5, 0.6, 0.8), "end": (3.0, 3.5, 4.25)}
@@ -394,7 +394,7 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
         assert r["replay_timeline_slowest_rank"] == "stand_in_kernel@0.0-1.0"
         assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
-        assert r["hook_copy_unroll"] == 16
+        assert r["hook_copy_unroll"] == 8
         assert r["kernel_stamps_slowest_rank"] == ("pack (4 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25; "
                                                    "hook (2 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25")
         sm_blocks = decode_bench.send_kernel_blocks(r["op"], 6, 2, 6, 64)   # 6 tokens, hidden 64
@@ -423,7 +423,7 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
         assert r["ratio_to_compute_only"] == pytest.approx(r["time_us"] / base)
     for r in layer[1:]:
         assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
-        assert r["hook_copy_unroll"] == 16
+        assert r["hook_copy_unroll"] == 8
         sm_blocks = decode_bench.send_kernel_blocks("combine", 6, 2, 6, 64)   # the larger of the two sends
         assert r["sms_during_flight"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]
         assert ("meets_target" in r) == (r["schedule"] == "overlapped")

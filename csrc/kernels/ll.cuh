@@ -141,7 +141,7 @@ struct DispatchSendParams {
 struct DispatchRecvParams {
   Common c;
   int wait_flags = 1;
-  int copy_unroll = 16;                 // 16-byte loads in flight per copy thread: 8 or 16
+  int copy_unroll = 8;                  // 16-byte loads in flight per copy thread: 8 or 16
   int fp8 = 0;
   int header_bytes = 0;
   void* recv_x = nullptr;               // [L, num_ranks * max_tokens, hidden] bf16 or e4m3

@@ -100,13 +100,15 @@ def check_transport(transport) -> str:
 
 
 HOOK_COPY_UNROLLS = (8, 16)
-DEFAULT_HOOK_COPY_UNROLL = 16
+DEFAULT_HOOK_COPY_UNROLL = 8
 
 
 def hook_copy_unroll() -> int:
     """16-byte loads each copy thread of the dispatch hook has in flight before its stores:
-    ``OVERLAP_LL_COPY_UNROLL`` (8 or 16; default 16). The hook block of the expert with the most
-    rows sets the kernel's end, and each round of loads costs it one memory round trip."""
+    ``OVERLAP_LL_COPY_UNROLL`` (8 or 16; default 8). The hook block of the expert with the most
+    rows sets the kernel's end; 16 halves its rounds of loads but measured no faster (2 H200, 128
+    tokens, hidden 7168: the overlapped decode layer read 1.097-1.103x compute-only with 8 and
+    1.100-1.101x with 16, bf16; experiments/results/tuning/ll_ab/run7_*)."""
     want = os.environ.get("OVERLAP_LL_COPY_UNROLL", "") or str(DEFAULT_HOOK_COPY_UNROLL)
     if want not in {str(u) for u in HOOK_COPY_UNROLLS}:
         raise ValueError(f"OVERLAP_LL_COPY_UNROLL must be one of {HOOK_COPY_UNROLLS}, got {want!r}")
