@@ -169,11 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(const CombineParam
   }
   // Reducers, and senders once they have nothing left to send (one call site: registers).
   reduce_tokens<T, kVec>(p, seq, my_base, s_recv_start, stamps, lane);
-  if (sender) {
-    stamps.help_done();
-  } else {
-    stamps.role_done(1);
-  }
+  stamps.receive_done(sender);
   end_operation(my_base, seq);
   stamps.mark(kStampEnd);
 }

@@ -271,6 +271,14 @@ struct WarpStamps {
     put(kStampHelpRows, rows);
     mark(kStampHelpDone);
   }
+  // After the receive loop: a receiver's role ends; a sender's help (its role ended at its last send).
+  __device__ __forceinline__ void receive_done(bool sender) {
+    if (sender) {
+      help_done();
+    } else {
+      role_done(1);
+    }
+  }
 };
 
 // Loads the peer bases and the per-source receive row ranges (exclusive prefix over the count

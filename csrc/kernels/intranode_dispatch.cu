@@ -301,11 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_kernel(const DispatchPar
   }
   // Receivers, and senders once they have nothing left to send (one call site: registers).
   receive_rows<Rows>(p, seq, my_base, s_recv_start, s_most_from_a_peer, s_hist, stamps, lane);
-  if (sender) {
-    stamps.help_done();
-  } else {
-    stamps.role_done(1);
-  }
+  stamps.receive_done(sender);
   __syncthreads();
   for (int e = tid; e < epl; e += kThreads) {
     if (s_hist[e] != 0) atomicAdd(&p.recv_expert_counts[e], s_hist[e]);
