@@ -27,11 +27,11 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-constexpr int kCommonFields = 19;
+constexpr int kCommonFields = 18;
 
 // Order: rank, num_ranks, kind, slot, mode, my_base, slot_offset, region_stride, row_stride,
 // max_tokens, staging, hidden, topk, num_local_experts, timeout_ns, status_ptr, stamps_ptr (0: off),
-// hook_parts, seq_flags.
+// hook_parts.
 ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& peer_bases, const at::Device& device) {
   TORCH_CHECK(v.size() == kCommonFields, "common must have ", kCommonFields, " fields, got ", v.size());
   check_tensor(peer_bases, "peer_bases", at::kLong, 1, device);
@@ -54,7 +54,6 @@ ll::Common common_from_list(const std::vector<int64_t>& v, const at::Tensor& pee
   c.status_host = reinterpret_cast<int*>(v[15]);
   c.stamps = reinterpret_cast<uint64_t*>(v[16]);
   c.hook_parts = static_cast<int>(v[17]);
-  c.seq_flags = static_cast<int>(v[18]);
   c.peer_bases = peer_bases.data_ptr<int64_t>();
   TORCH_CHECK(peer_bases.size(0) == c.num_ranks, "peer_bases must have num_ranks=", c.num_ranks, " entries");
   TORCH_CHECK(ll::common_ok(c), "low-latency kernel arguments out of range (rank ", c.rank, "/", c.num_ranks,
@@ -187,22 +186,21 @@ void ll_combine_recv(const at::Tensor& token_slot, const at::Tensor& peer_bases,
   check_launch(ll::launch_combine_recv(p, stream_of(device)), "ll_combine_recv");
 }
 
-// Byte offsets, from a rank's buffer base, of the words a copy-engine send of slot (kind, slot)
-// from `src` touches: [src's ce_flag (what a stream memory write raises), src's counting flag
-// (what the copy of src's send count raises), the slot's send count (the copy's source, in src's
-// own buffer)].
-std::vector<int64_t> ll_signal_offsets(int64_t kind, int64_t slot, int64_t src) {
+// Byte offsets, from a rank's buffer base, of the two words a copy-engine send of slot (kind,
+// slot) from `src` uses for its arrival flag: [src's flag (in the receiver's buffer), the slot's
+// send count (in src's own), which is copied into it].
+std::vector<int64_t> ll_flag_copy_offsets(int64_t kind, int64_t slot, int64_t src) {
   TORCH_CHECK(kind == ll::kDispatch || kind == ll::kCombine, "kind must be 0 (dispatch) or 1 (combine), got ", kind);
   TORCH_CHECK(slot >= 0 && slot < ll::kMaxSlots, "slot must be in [0, ", ll::kMaxSlots, "), got ", slot);
   TORCH_CHECK(src >= 0 && src < ll::kMaxRanks, "src must be in [0, ", ll::kMaxRanks, "), got ", src);
-  const int k = static_cast<int>(kind), s = static_cast<int>(slot), r = static_cast<int>(src);
-  return {ll::ce_flag_offset(k, s, r), ll::flag_offset(k, s, r), ll::send_seq_offset(k, s)};
+  const int k = static_cast<int>(kind), s = static_cast<int>(slot);
+  return {ll::flag_offset(k, s, static_cast<int>(src)), ll::send_seq_offset(k, s)};
 }
 
 std::vector<int64_t> ll_layout() {
   return {ll::kSignalBytes, ll::kMaxRanks,      ll::kMaxSlots,     ll::kMaxTokens, ll::kMaxTopk,
           ll::kFlagsOffset, ll::kAcksOffset,    ll::kSendSeqOffset, ll::kRegionHeader, ll::kFp8Block,
-          ll::kCeFlagsOffset, ll::kMaxHookParts};
+          ll::kMaxHookParts};
 }
 
 }  // namespace
@@ -220,7 +218,7 @@ TORCH_LIBRARY_FRAGMENT(overlap, m) {
       "Tensor peer_bases, int[] common) -> ()");
   m.def("ll_combine_recv(Tensor token_slot, Tensor peer_bases, Tensor(a!) out, int[] common, int wait_flags) -> ()");
   m.def("ll_layout() -> int[]", &ll_layout);
-  m.def("ll_signal_offsets(int kind, int slot, int src) -> int[]", &ll_signal_offsets);
+  m.def("ll_flag_copy_offsets(int kind, int slot, int src) -> int[]", &ll_flag_copy_offsets);
 }
 
 TORCH_LIBRARY_IMPL(overlap, CUDA, m) {

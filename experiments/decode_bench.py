@@ -347,9 +347,8 @@ def _bench_transport(runner, sink, kept, args, rank, world_size, dev, inputs, tr
             wire = [c["back_other"] * H * 2 for c in counts]
             logical = [c["sent_rows"] * H * 2 for c in counts]
             copied = (world_size - 1) * region_stride(T, combine_row_stride(H))
-        flag_write = ll.flag_write if transport == "copy_engine" else None   # how arrival flags were raised
         sink.add(reduce_row({"op": op, **base, "num_sms": sms_in_flight(transport, op, T, world_size, T, H, sm_count),
-                             "flag_write": flag_write, "hook_copy_unroll": ll.copy_unroll,
+                             "hook_copy_unroll": ll.copy_unroll,
                              "dtype": dtype, "copied_bytes_per_rank": copied,
                              "timing": ("cuda_graph_replay" if args.timing == "graph" else "eager") + ", send + hook",
                              "iters": args.iters}, res.values, wire, logical))

@@ -314,7 +314,6 @@ def _study(runner, sink, kept, args, rank, world_size, dev):
             sink.add({**where, "schedule": "setup", "error": res.error_text()[:500]})
             continue
         ll = holder["ll"]
-        where["flag_write"] = ll.flag_write if transport == "copy_engine" else None   # how arrival flags were raised
         where["hook_copy_unroll"] = ll.copy_unroll
         per_op = [sms_in_flight(transport, op, T, world_size, T, H, sm_count) for op in ("dispatch", "combine")]
         sms = None if None in per_op else max(per_op)

@@ -140,7 +140,6 @@ class FakeLowLatency:
         self.max_in_flight = Counter()
         self.hooks = Counter()
         self.issued = 0
-        self.flag_write = "seq"
         self.copy_unroll = 8
 
     def kernel_stamps(self):
@@ -393,7 +392,6 @@ def test_bench_rank_body_runs_every_case_and_skips_after_a_failure(tmp_path):
         assert r["time_us"] > 0 and r["wire_bytes_per_rank"] >= 0 and r["world_size"] == 2
         assert r["device_us_by_name_slowest_rank"] == "stand_in_kernel=1.0us x2"   # --profile-replays 2
         assert r["replay_timeline_slowest_rank"] == "stand_in_kernel@0.0-1.0"
-        assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
         assert r["hook_copy_unroll"] == 8
         assert r["kernel_stamps_slowest_rank"] == ("pack (4 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25; "
                                                    "hook (2 blocks): prologue 0.50/0.60/0.80, end 3.00/3.50/4.25")
@@ -422,7 +420,6 @@ def test_overlap_rank_body_reports_every_schedule_and_profiles_them(tmp_path, ca
         assert r["time_us"] == pytest.approx(r["replay_us_hi"] - r["replay_us_lo"])
         assert r["ratio_to_compute_only"] == pytest.approx(r["time_us"] / base)
     for r in layer[1:]:
-        assert r["flag_write"] == ("seq" if r["transport"] == "copy_engine" else None)
         assert r["hook_copy_unroll"] == 8
         sm_blocks = decode_bench.send_kernel_blocks("combine", 6, 2, 6, 64)   # the larger of the two sends
         assert r["sms_during_flight"] == {"copy_engine": 0, "sm": sm_blocks, "nccl": None}[r["transport"]]

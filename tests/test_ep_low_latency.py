@@ -141,22 +141,6 @@ def test_slot_ring_reuses_only_consumed_slots():
     assert ll._acquire(DISPATCH) == 2 and ll._acquire(DISPATCH) == 0
 
 
-def test_flag_write_method_follows_the_environment_and_the_driver(monkeypatch):
-    from overlap.ep.low_latency import flag_write_method
-
-    monkeypatch.delenv("OVERLAP_LL_FLAG_WRITE", raising=False)
-    assert flag_write_method(can_write=True) == "seq"
-    assert flag_write_method(can_write=False) == "seq"   # copies need nothing of the driver
-    monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", "memop")
-    assert flag_write_method(can_write=True) == "memop"
-    with pytest.raises(RuntimeError, match="cuStreamWriteValue32"):
-        flag_write_method(can_write=False)
-    for bad in ("memcpy", "dma"):   # memcpy (a 4-byte copy of a constant) is gone: seq replaced it
-        monkeypatch.setenv("OVERLAP_LL_FLAG_WRITE", bad)
-        with pytest.raises(ValueError, match="OVERLAP_LL_FLAG_WRITE"):
-            flag_write_method(can_write=True)
-
-
 def test_hook_copy_unroll_reads_the_environment(monkeypatch):
     from overlap.ep.low_latency import DEFAULT_HOOK_COPY_UNROLL, hook_copy_unroll
 
@@ -366,8 +350,6 @@ def _in_flight_rank(rank, W):
 def _graph_rank(rank, W):
     """A whole decode step (dispatch, hook, experts, combine, hook) captured once, replayed with
     fresh inputs copied into the static tensors."""
-    from overlap.ep.low_latency import low_latency_state
-
     fails = []
     dev = _device()
     T, H, E, K = 48, 512, 8 * W, 4
@@ -375,18 +357,9 @@ def _graph_rank(rank, W):
     a = (1.0 + torch.arange(rank * L, (rank + 1) * L, dtype=torch.float32, device=dev) / 16.0).view(L, 1, 1)
     b = torch.sin(torch.arange(rank * L, (rank + 1) * L, dtype=torch.float32, device=dev)).view(L, 1, 1)
     # nccl too: its graph-captured all_to_all_single once hung on its first replay.
-    # Copy-engine flags raised both ways: copies of the send counts (the default) and stream
-    # memory writes of a constant the hook resets.
-    for transport, fp8, flag_write in (("copy_engine", False, "memop"), ("sm", False, None), ("copy_engine", True, None),
-                                       ("nccl", False, None), ("copy_engine", False, "seq")):
+    for transport, fp8 in (("copy_engine", False), ("sm", False), ("copy_engine", True), ("nccl", False)):
         case0 = EPCase("graph", [T] * W, H, E, K, torch.bfloat16, "random", seed=50)
         buf = _make_buffer(case0, W, max_tokens=T)
-        if flag_write is not None:
-            state = low_latency_state(buf)   # collective: every rank runs the same variants
-            if flag_write == "memop" and not torch.ops.overlap.ll_can_write_flags():
-                fails.append(f"rank {rank}: this driver has no stream memory writes; the memop flags went untested")
-                continue
-            state.flag_write = flag_write
         x0, i0, w0 = (t.to(dev) for t in make_inputs(case0, rank, W))
         sx, si, sw = x0.clone(), i0.clone(), w0.clone()
         sout = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
@@ -414,7 +387,7 @@ def _graph_rank(rank, W):
             sw.copy_(w)
             graph.replay()
             torch.cuda.synchronize()
-            tag = f"[graph/{transport}/fp8={fp8}/flags={flag_write}/replay{it}/rank{rank}]"
+            tag = f"[graph/{transport}/fp8={fp8}/replay{it}/rank{rank}]"
             if fp8:
                 # Compare with the oracle on the dequantised inputs every rank can compute.
                 fails += _check_combine(tag, case, rank, W, sout, rtol=0.08)  # e4m3 inputs

@@ -6,15 +6,13 @@
 // Symmetric buffer layout (bytes from each rank's base). The first kIntranodeHeader bytes keep
 // the intranode layout (sticky error word at 1024, canary at 2048), so SymmetricBuffer's mapping
 // check and dev::record_failure work unchanged:
-//   flags[kind][slot][src]    u64  src's use count of the slot, once its rows landed: written by src's
-//                                  SM stores (kDirect), or copied from src's send_seq by src's copy
-//                                  engine after the rows (kStaged with seq_flags)
-//   acks [kind][slot][dst]    u64  count of dst's hook blocks that consumed this rank's rows in the
-//                                  slot: hook_blocks(kind) per use, one red.add per block
-//   send_seq[kind][slot]      u64  local: how often this rank sent on the slot
-//   done[kind][slot][2]       u32  local: arrival counters of the pack (0) and hook (1) blocks
-//   ce_flags[kind][slot][src] u32  copy-engine arrival without seq_flags: 1 = src's copy into the
-//                                  slot landed; the receiving hook resets it to 0 before its last ack
+//   flags[kind][slot][src]  u64  src's use count of the slot, once its rows landed: written by src's
+//                                kernel (kDirect), or copied from src's send_seq by src's copy
+//                                engine after the rows (kStaged)
+//   acks [kind][slot][dst]  u64  count of dst's hook blocks that consumed this rank's rows in the
+//                                slot: hook_blocks(kind) per use, one red.add per block
+//   send_seq[kind][slot]    u64  local: how often this rank sent on the slot
+//   done[kind][slot]        u32  local: arrival counter of the pack kernel's blocks
 //   receive slots: slot (kind, s) holds num_ranks regions of region_stride bytes, one per source.
 // A region is [16-byte header: int32 row count][rows]; row i is at 16 + i * row_stride.
 // A dispatch row is [topk x int16 local expert or -1, padded to 16][topk x fp32 weight, padded
@@ -30,22 +28,19 @@
 //          after the wait, so every block has read send_seq) writes send_seq = n; the kernel
 //          boundary orders it and the rows before the copies and the hook. kDirect: the block
 //          that finishes last fences and raises flags[k][s][me] = n at every peer.
-//   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then the arrival
-//          flag, in the same stream (stream order lands it after the rows): with seq_flags (the
-//          default) an 8-byte copy of this rank's send_seq[k][s] to the peer's flags[k][s][me]:
-//          it reads n (the pack wrote it before the kernel boundary, and the slot's next pack
-//          waits for acks that need this flag), and a copy reads it again at every graph replay. Otherwise a stream memory write of the constant 1 to the peer's
-//          ce_flags[k][s][me] (a graph replays the value it captured, hence the constant and the
-//          reset below).
+//   send:  kStaged (copy engines): per peer, a memcpy staging -> peer region, then an 8-byte copy
+//          of this rank's send_seq[k][s] to the peer's flags[k][s][me], in the same stream (stream
+//          order lands it after the rows). It reads n: the pack wrote it before the kernel
+//          boundary, and the slot's next pack waits for acks that need this flag. A copy reads
+//          its source at every CUDA-graph replay, so the counting flag stays right there too (a
+//          memory-write node would replay the value it captured: a constant flag the hook then
+//          had to reset, its last block clearing it and fencing before the last ack, ~2 us of
+//          hook per operation on 2 H200; removed after f478863).
 //   hook:  E = send_seq (the host orders the hook after its pack, and the next pack of the slot
 //          waits for this hook's acks, so E is this operation's count); wait until every other
-//          source arrived: flags[k][s][src] >= E (SM-store and seq_flags copy-engine peers; own
-//          rows are ordered by the kernel boundary), or ce_flags[k][s][src] == 1; unpack; every
-//          block then adds 1 to acks[k][s][me] at every source. With ce_flags, the block that
-//          arrived last (done counter, taken once the flags were seen, so every block has seen
-//          them) first resets the ce_flags and fences: a peer raises its ce_flag again only after
-//          all B acks, so a 1 is never left over from the previous use. Counting flags need no
-//          reset, hence no last block and no fence. No block waits for the others.
+//          source's flags[k][s][src] >= E (own rows are ordered by the kernel boundary); unpack;
+//          every block then adds 1 to acks[k][s][me] at every source. No block waits for the
+//          others, and nothing is reset.
 #pragma once
 
 #include "intranode.cuh"
@@ -65,9 +60,8 @@ constexpr int64_t kFlagsOffset = 8192;
 constexpr int64_t kAcksOffset = kFlagsOffset + 2 * kMaxSlots * 32 * 8;
 constexpr int64_t kSendSeqOffset = kAcksOffset + 2 * kMaxSlots * 32 * 8;
 constexpr int64_t kDoneOffset = kSendSeqOffset + 2 * kMaxSlots * 8;
-constexpr int64_t kCeFlagsOffset = kDoneOffset + 2 * kMaxSlots * 2 * 4;
 constexpr int64_t kSignalBytes = 20480;  // zeroed prefix; receive slots start here
-static_assert(kCeFlagsOffset + 2 * kMaxSlots * 32 * 4 <= kSignalBytes, "low-latency signals overflow");
+static_assert(kDoneOffset + 2 * kMaxSlots * 4 <= kSignalBytes, "low-latency signals overflow");
 
 enum Kind : int { kDispatch = 0, kCombine = 1 };
 // Status "kind" values (intranode uses 1..3).
@@ -75,8 +69,8 @@ enum StatusKind : int { kDispatchSend = 5, kDispatchRecv = 6, kCombineSend = 7, 
 // mode: where the pack kernel writes rows.
 enum Mode : int {
   kDirect = 0,      // SM stores straight into peers' receive regions, flags by the kernel
-  kStaged = 1,      // local staging per peer (copy engines send it, then raise the arrival flag); own
-                    // rows go straight home
+  kStaged = 1,      // local staging per peer (copy engines send it and raise the flag); own rows go
+                    // straight home
   kStagedAll = 2,   // local staging for every rank including this one (NCCL all_to_all sends it)
 };
 
@@ -89,11 +83,8 @@ __host__ __device__ constexpr int64_t ack_offset(int kind, int slot, int dst) {
 __host__ __device__ constexpr int64_t send_seq_offset(int kind, int slot) {
   return kSendSeqOffset + (static_cast<int64_t>(kind) * kMaxSlots + slot) * 8;
 }
-__host__ __device__ constexpr int64_t done_offset(int kind, int slot, int which) {
-  return kDoneOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 2 + which) * 4;
-}
-__host__ __device__ constexpr int64_t ce_flag_offset(int kind, int slot, int src) {
-  return kCeFlagsOffset + ((static_cast<int64_t>(kind) * kMaxSlots + slot) * 32 + src) * 4;
+__host__ __device__ constexpr int64_t done_offset(int kind, int slot) {
+  return kDoneOffset + (static_cast<int64_t>(kind) * kMaxSlots + slot) * 4;
 }
 
 struct Common {
@@ -113,7 +104,6 @@ struct Common {
   int topk = 1;
   int num_local_experts = 1;
   int hook_parts = 1;                   // dispatch hook blocks per local expert (equal on every rank)
-  int seq_flags = 1;                    // kStaged: peers raise counting flags (1) or ce_flags (0)
   uint64_t timeout_ns = 0;
   int* status_host = nullptr;           // host-mapped status words (intranode layout)
   // Diagnostics (OVERLAP_LL_STAMPS=1): [2][kMaxStampBlocks][kStampWords] globaltimer stamps, one
@@ -204,7 +194,7 @@ inline bool common_ok(const Common& c) {
          c.my_base % 16 == 0 && c.peer_bases != nullptr && c.slot_offset % 16 == 0 && c.region_stride % 16 == 0 &&
          c.row_stride % 16 == 0 && c.max_tokens >= 1 && c.max_tokens <= kMaxTokens && c.hidden >= kFp8Block &&
          c.hidden % kFp8Block == 0 && c.topk >= 1 && c.topk <= kMaxTopk && c.num_local_experts >= 1 &&
-         c.hook_parts >= 1 && c.hook_parts <= kMaxHookParts && (c.seq_flags == 0 || c.seq_flags == 1) &&
+         c.hook_parts >= 1 && c.hook_parts <= kMaxHookParts &&
          c.status_host != nullptr && (c.mode == kDirect || (c.staging != 0 && c.staging % 16 == 0)) &&
          c.region_stride >= kRegionHeader + c.max_tokens * c.row_stride;
 }

@@ -142,7 +142,6 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
   int my_slot = lane < W && task < num_tasks ? p.token_slot[(task / chunks) * W + lane] : -1;
   const bool wait_flags = p.wait_flags != 0;
   if (!hook_begin(c, wait_flags, kCombineRecv, &s_e, &s_flag)) return;
-  const unsigned arrival = hook_arrive(c, wait_flags);
   stamp(c, 1, kStampSetup);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
   for (bool first = true; task < num_tasks; task += task_stride, first = false) {
@@ -168,7 +167,7 @@ __global__ void __launch_bounds__(kSendThreads) combine_recv_kernel(CombineRecvP
     }
   }
   stamp(c, 1, kStampRows);
-  hook_end(c, wait_flags, arrival);
+  hook_end(c);
 }
 
 }  // namespace

@@ -39,10 +39,6 @@ __device__ __forceinline__ void fail(const Common& c, int code, int peer, int st
   idev::record_failure(ip, c.my_base, seq, code, peer, status_kind);
 }
 
-__device__ __forceinline__ uint32_t* word32(int64_t base, int64_t offset) {
-  return reinterpret_cast<uint32_t*>(base + offset);
-}
-
 // Spins until ready() (which reads with acquire loads) holds; false once timeout_ns passed. A
 // first check that succeeds costs one load and no timer read.
 template <typename ReadyFn>
@@ -96,19 +92,19 @@ __device__ inline bool pack_begin(const Common& c, int status_kind, uint64_t* s_
   return *s_flag == 0;
 }
 
-// Thread 0 counts this block in the kernel's arrival counter (`which`: 0 = pack, 1 = hook) and
-// returns the count before it (other threads: 0). The caller reads the result only at the end
-// of the block, so the atomic's round trip overlaps the block's work; the block that gets
-// gridDim.x - 1 arrived last and resets the counter for the next use.
-__device__ __forceinline__ unsigned arrive(const Common& c, int which) {
+// Thread 0 counts this block in the pack kernel's arrival counter and returns the count before
+// it (other threads: 0). The caller reads the result only at the end of the block, so the
+// atomic's round trip overlaps the block's work; the block that gets gridDim.x - 1 arrived last
+// and resets the counter for the next use.
+__device__ __forceinline__ unsigned arrive(const Common& c) {
   if (threadIdx.x != 0) return 0u;
-  return atomicAdd(reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot, which)), 1u);
+  return atomicAdd(reinterpret_cast<unsigned*>(c.my_base + done_offset(c.kind, c.slot)), 1u);
 }
 __device__ __forceinline__ bool arrived_last(unsigned arrival) {
   return threadIdx.x == 0 && arrival == gridDim.x - 1;
 }
-__device__ __forceinline__ void reset_arrivals(const Common& c, int which) {
-  *reinterpret_cast<volatile unsigned*>(c.my_base + done_offset(c.kind, c.slot, which)) = 0u;
+__device__ __forceinline__ void reset_arrivals(const Common& c) {
+  *reinterpret_cast<volatile unsigned*>(c.my_base + done_offset(c.kind, c.slot)) = 0u;
 }
 
 // True in thread 0 of the last block to get here (kDirect packs only); that block also resets
@@ -119,8 +115,8 @@ __device__ inline bool last_block(const Common& c, int* s_flag) {
   stamp(c, 0, kStampEpilogue);
   if (threadIdx.x == 0) {
     __threadfence_system();
-    *s_flag = arrived_last(arrive(c, 0));
-    if (*s_flag) reset_arrivals(c, 0);
+    *s_flag = arrived_last(arrive(c));
+    if (*s_flag) reset_arrivals(c);
   }
   __syncthreads();
   const bool last = threadIdx.x == 0 && *s_flag;
@@ -129,7 +125,7 @@ __device__ inline bool last_block(const Common& c, int* s_flag) {
 }
 
 // After pack_begin: staged packs count this block as having read send_seq (see arrive()).
-__device__ __forceinline__ unsigned pack_arrive(const Common& c) { return c.mode == kDirect ? 0u : arrive(c, 0); }
+__device__ __forceinline__ unsigned pack_arrive(const Common& c) { return c.mode == kDirect ? 0u : arrive(c); }
 
 // Pack epilogue. Staged modes: the block that arrived last (`arrival`, from pack_arrive() after
 // the prologue: every block has read send_seq by then) publishes n as this rank's send count. No
@@ -140,7 +136,7 @@ __device__ inline void pack_end(const Common& c, uint64_t n, unsigned arrival, i
   if (c.mode != kDirect) {
     stamp(c, 0, kStampEpilogue);
     if (arrived_last(arrival)) {
-      reset_arrivals(c, 0);
+      reset_arrivals(c);
       idev::st_relaxed_sys(word(c.my_base, send_seq_offset(c.kind, c.slot)), n);
     }
     stamp(c, 0, kStampEnd);
@@ -154,12 +150,6 @@ __device__ inline void pack_end(const Common& c, uint64_t n, unsigned arrival, i
   stamp(c, 0, kStampEnd);
 }
 
-// Copy-engine peers without seq_flags announce arrival with ce_flags (a constant 1); the rest
-// with counting flags.
-__device__ __forceinline__ bool uses_ce_flag(const Common& c, int src) {
-  return c.mode == kStaged && !c.seq_flags && src != c.rank;
-}
-
 // Hook prologue: E = this operation's use count; with wait_flags, threads r < num_ranks, r not
 // this rank, wait until source r's rows arrived (this rank's own rows were written by its pack,
 // which the kernel boundary orders before the hook). Thread 0 also reads the sticky error word
@@ -171,22 +161,12 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
     const int err = sticky_error(c);
     const uint64_t e = send_count(c);
     if (tid == 0) *s_e = e;
-    bool ok = true;
+    const uint64_t* f = word(c.my_base, flag_offset(c.kind, c.slot, tid));
     if (err != 0) {
       atomicExch(s_flag, 1);
-      ok = false;
-    } else if (wait_flags && tid != c.rank) {
-      if (uses_ce_flag(c, tid)) {
-        const uint32_t* f = word32(c.my_base, ce_flag_offset(c.kind, c.slot, tid));
-        ok = spin_until([&] { return idev::ld_acquire_sys(f) != 0u; }, c.timeout_ns);
-      } else {
-        const uint64_t* f = word(c.my_base, flag_offset(c.kind, c.slot, tid));
-        ok = spin_until([&] { return idev::ld_acquire_sys(f) >= e; }, c.timeout_ns);
-      }
-      if (!ok) {
-        fail(c, intranode::kDataTimeout, tid, status_kind, e);
-        atomicExch(s_flag, 1);
-      }
+    } else if (wait_flags && tid != c.rank && !spin_until([&] { return idev::ld_acquire_sys(f) >= e; }, c.timeout_ns)) {
+      fail(c, intranode::kDataTimeout, tid, status_kind, e);
+      atomicExch(s_flag, 1);
     }
   }
   __syncthreads();
@@ -194,32 +174,13 @@ __device__ inline bool hook_begin(const Common& c, bool wait_flags, int status_k
   return *s_flag == 0;
 }
 
-// Whether this hook resets ce_flags (and so counts block arrivals).
-__device__ __forceinline__ bool hook_resets_flags(const Common& c, bool wait_flags) {
-  return wait_flags && c.mode == kStaged && !c.seq_flags && c.num_ranks > 1;
-}
-
-// After hook_begin: count this block as having seen the flags (see arrive()).
-__device__ __forceinline__ unsigned hook_arrive(const Common& c, bool wait_flags) {
-  return hook_resets_flags(c, wait_flags) ? arrive(c, 1) : 0u;
-}
-
 // Hook epilogue, every block: once all its threads are done reading the slot, thread 0 adds one
-// ack at every source. With ce_flags, the block that arrived last first clears them (every
-// block has seen them) and fences, so the clears are visible before its ack completes the count
-// a source waits for. Other blocks ack relaxed: their reads of the slot returned before the
-// barrier (their values were stored), so no later write by a source can change them.
-__device__ inline void hook_end(const Common& c, bool wait_flags, unsigned arrival) {
+// ack at every source, relaxed: the block's reads of the slot returned before the barrier (their
+// values were stored), so no later write by a source can change them.
+__device__ inline void hook_end(const Common& c) {
   __syncthreads();
   stamp(c, 1, kStampEpilogue);
   if (threadIdx.x == 0) {
-    if (hook_resets_flags(c, wait_flags) && arrived_last(arrival)) {
-      reset_arrivals(c, 1);
-      for (int r = 0; r < c.num_ranks; ++r) {
-        if (uses_ce_flag(c, r)) *reinterpret_cast<volatile uint32_t*>(word32(c.my_base, ce_flag_offset(c.kind, c.slot, r))) = 0u;
-      }
-      __threadfence_system();
-    }
     for (int r = 0; r < c.num_ranks; ++r) idev::red_add_relaxed_sys(word(c.peer_bases[r], ack_offset(c.kind, c.slot, c.rank)), 1);
   }
   stamp(c, 1, kStampEnd);

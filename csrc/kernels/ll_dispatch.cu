@@ -205,7 +205,6 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
   const Common& c = p.c;
   const bool wait_flags = p.wait_flags != 0;
   if (!hook_begin(c, wait_flags, kDispatchRecv, &s_e, &s_flag)) return;
-  const unsigned arrival = hook_arrive(c, wait_flags);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, W = c.num_ranks, K = c.topk;
   const int parts = c.hook_parts, e = blockIdx.x / parts, part = blockIdx.x % parts;
   const int M = static_cast<int>(c.max_tokens), rows = W * M;
@@ -340,7 +339,7 @@ __global__ void __launch_bounds__(kUnpackThreads, 1) dispatch_recv_kernel(Dispat
   stamp(c, 1, kStampRows);
   if (part == 0 && tid == 0) p.counts[e] = running;
   if (blockIdx.x == 0 && tid < W) p.src_counts[tid] = s_n[tid];
-  hook_end(c, wait_flags, arrival);
+  hook_end(c);
 }
 
 }  // namespace

@@ -14,10 +14,8 @@ work; calling the hook later makes the current stream wait for arrival and unpac
   copies (the caller's stream joins the side streams after the hook). Under CUDA-graph capture
   the copies and flag writes go into the graph directly, as a branch off the pack kernel that
   no later node waits for (no join: see ``ll_graph_add_copies`` in csrc/ll_copy_ops.cpp); the
-  hook adds them, so it must be called inside the same capture. ``OVERLAP_LL_FLAG_WRITE=memop``
-  raises a constant flag with a stream memory write instead (``cuStreamWriteValue32``: the GPU's
-  front end, no copy engine), which the receiving hook must reset: its last block clears the
-  flags and fences before acknowledging, which counting flags do not need.
+  hook adds them, so it must be called inside the same capture. A copy reads the send count at
+  every replay, so the flags count in graphs too and the hook resets nothing (see ll.cuh).
 - ``"sm"``: the pack kernel stores rows straight into peers' buffers and raises the flags itself
   (the SMs are busy until the stores finish); for comparison.
 - ``"nccl"``: the packed regions go through ``all_to_all_single``; for comparison.
@@ -64,24 +62,6 @@ _ERRORS = {
     2: "timed out after {t:g} s waiting for rank {peer}'s data (does every rank issue the same "
        "low-latency operations in the same order?)",
 }
-
-
-FLAG_WRITES = ("seq", "memop")
-
-
-def flag_write_method(can_write: Optional[bool] = None) -> str:
-    """How copy-engine sends raise the peer's arrival flag: ``"seq"`` (the default: an 8-byte peer
-    copy of the sender's send count, a counting flag like the SM path's) or ``"memop"`` (a stream
-    memory write of a constant 1, which the receiving hook resets). ``OVERLAP_LL_FLAG_WRITE``
-    chooses; ``"memop"`` without driver support raises. ``can_write``: whether the driver has
-    stream memory writes (asked of the extension when None; only ``"memop"`` needs them)."""
-    want = os.environ.get("OVERLAP_LL_FLAG_WRITE", "") or "seq"
-    if want not in FLAG_WRITES:
-        raise ValueError(f"OVERLAP_LL_FLAG_WRITE must be one of {FLAG_WRITES}, got {want!r}")
-    if want == "memop" and not (bool(torch.ops.overlap.ll_can_write_flags()) if can_write is None else can_write):
-        raise RuntimeError("OVERLAP_LL_FLAG_WRITE=memop, but this CUDA driver has no cuStreamWriteValue32; "
-                           "unset it to raise the flags by copying the send counts")
-    return want
 
 
 def hook_parts(sm_count: int, num_local_experts: int, max_parts: int = 16) -> int:
@@ -201,7 +181,7 @@ class LowLatencyEP:
 
         overlap.load_cuda_extension()
         (signal_bytes, max_ranks, max_slots, max_tokens, _max_topk, _flags_off, _acks_off, _seq_off,
-         _hdr, _blk, _ce_flags_off, max_hook_parts) = torch.ops.overlap.ll_layout()
+         _hdr, _blk, max_hook_parts) = torch.ops.overlap.ll_layout()
         W, M = buffer.world_size, buffer.max_tokens_per_rank
         if W > max_ranks:
             raise ValueError(f"the low-latency path supports at most {max_ranks} ranks, the group has {W}")
@@ -244,11 +224,10 @@ class LowLatencyEP:
         self._staging = torch.empty(self.layout.staging_bytes, dtype=torch.uint8, device=buffer.device)
         self._nccl_recv: dict[int, torch.Tensor] = {}  # per kind, ordinary memory (see _send)
         self._side = {d: torch.cuda.Stream(device=buffer.device) for d in range(W) if d != buffer.rank}
-        # Per (kind, slot): offsets of this rank's arrival flags in every peer's buffer (ce_flag,
-        # counting flag) and of the slot's send count in this rank's (ll.cuh; see _flag_target).
-        self._signals = {(k, s): torch.ops.overlap.ll_signal_offsets(k, s, buffer.rank)
-                         for k in (DISPATCH, COMBINE) for s in range(num_slots)}
-        self.flag_write = flag_write_method()
+        # Per (kind, slot): [this rank's arrival flag in every peer's buffer, the slot's send count
+        # in this rank's], the offsets of a copy-engine send's flag copy (ll.cuh).
+        self._flag_copy = {(k, s): torch.ops.overlap.ll_flag_copy_offsets(k, s, buffer.rank)
+                           for k in (DISPATCH, COMBINE) for s in range(num_slots)}
         self.copy_unroll = hook_copy_unroll()
         # Diagnostics: per-block phase stamps of the last pack and hook kernels (kernel_stamps()).
         self._stamps = (torch.zeros(2, 4096, 8, dtype=torch.int64, device=buffer.device)
@@ -301,8 +280,7 @@ class LowLatencyEP:
         return [buf.rank, buf.world_size, kind, slot, _MODE[transport], self._my_base, lay.slot_offset(kind, slot),
                 rstride, row_stride, lay.max_tokens, staging, buf.hidden, topk, buf.num_local_experts,
                 int(self._timeout_s * 1e9), self._status_ptr,
-                0 if self._stamps is None else self._stamps.data_ptr(), self.hook_parts,
-                int(self.flag_write == "seq")]
+                0 if self._stamps is None else self._stamps.data_ptr(), self.hook_parts]
 
     STAMP_PHASES = ("start", "prologue", "setup", "rows", "epilogue", "end")
 
@@ -336,15 +314,12 @@ class LowLatencyEP:
             self._views[key] = v
         return v
 
-    def _flag_target(self, kind: int, slot: int, peer: int) -> tuple[int, int]:
-        """``(address, source)`` of the arrival flag a copy-engine send of (kind, slot) raises at
-        ``peer``: with ``flag_write="seq"`` the peer's counting flag for this rank, and this rank's
-        send count for the slot (the pack wrote this operation's count there), which is copied;
-        with ``"memop"`` the peer's ce_flag, and 0: the constant 1 is written."""
-        ce_flag, flag, send_seq = self._signals[(kind, slot)]
-        if self.flag_write == "seq":
-            return self._peer_list[peer] + flag, self._my_base + send_seq
-        return self._peer_list[peer] + ce_flag, 0
+    def _flag_copy_addresses(self, kind: int, slot: int, peer: int) -> tuple[int, int]:
+        """``(destination, source)`` of the 8-byte copy that raises a copy-engine send's arrival
+        flag at ``peer``: the peer's flag for this rank, and this rank's send count for the slot
+        (the pack wrote this operation's count there)."""
+        flag, send_seq = self._flag_copy[(kind, slot)]
+        return self._peer_list[peer] + flag, self._my_base + send_seq
 
     def _send(self, kind: int, slot: int, transport: str, rstride: int) -> "_Transfer":
         """Issue the transfer of the packed slot (under CUDA-graph capture, prepare it for the hook)."""
@@ -379,7 +354,7 @@ class LowLatencyEP:
             # first child and keeps the pack's hardware queue.
             point = torch.ops.overlap.ll_capture_point()   # [capture id, graph, the pack's node]
             peers = list(self._side)
-            flags = [self._flag_target(kind, slot, d) for d in peers]
+            flags = [self._flag_copy_addresses(kind, slot, d) for d in peers]
             args = ([self._peer_list[d] + lay.slot_offset(kind, slot) + me * rstride for d in peers],
                     [self._staging.data_ptr() + stage_off + d * rstride for d in peers], [rstride] * len(peers),
                     [addr for addr, _ in flags], [src for _, src in flags], self._staging)
@@ -391,17 +366,13 @@ class LowLatencyEP:
         for d, side in self._side.items():
             dst = self._view(("peer", kind, slot, d), self._peer_list[d] + lay.slot_offset(kind, slot),
                              lay.slot_bytes(kind))
-            flag_addr, flag_src = self._flag_target(kind, slot, d)
+            flag_addr, flag_src = self._flag_copy_addresses(kind, slot, d)
             side.wait_event(packed)
             with torch.cuda.stream(side):
                 # The rows, then the arrival flag, in one stream: the flag lands only after the rows.
                 dst[me * rstride:(me + 1) * rstride].copy_(self._staging[stage_off + d * rstride:
                                                                          stage_off + (d + 1) * rstride])
-                if flag_src:
-                    self._view(("flag", kind, slot, d), flag_addr, 8).copy_(
-                        self._view(("seq", kind, slot), flag_src, 8))
-                else:
-                    torch.ops.overlap.ll_write_flag(flag_addr, 1, self._staging)
+                self._view(("flag", kind, slot, d), flag_addr, 8).copy_(self._view(("seq", kind, slot), flag_src, 8))
             sent = torch.cuda.Event()
             sent.record(side)
             events.append(sent)
